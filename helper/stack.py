@@ -1,0 +1,303 @@
+"""The whole system on one machine: infrastructure, topics, every service, Nginx.
+
+One table (:data:`SERVICES`) says which services exist, their module and
+port. :class:`Stack` starts them as real processes and stops every one of
+them; ``make run``, ``make infra`` and the test fixtures all use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from .infra import (
+    ROOT,
+    NginxSettings,
+    Proc,
+    free_port,
+    kafka_proc,
+    mongo_proc,
+    nginx_proc,
+    port_open,
+    wait_until,
+)
+
+logger = logging.getLogger("stack")
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service process: its make name, Python package and default port."""
+
+    name: str
+    package: str
+    port: int
+    upstream: str | None = None  # nginx upstream it serves, if public
+
+    def exists(self) -> bool:
+        return (ROOT / "services" / self.package / "__main__.py").exists()
+
+
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("profile", "profile", 8101, "profile"),
+    ServiceSpec("group", "group", 8102, "group"),
+    ServiceSpec("persistence", "persistence", 8103, "persistence"),
+    ServiceSpec("session", "session", 8104),
+    ServiceSpec("message-router", "message_router", 8105),
+    ServiceSpec("group-router", "group_router", 8106),
+    ServiceSpec("push-notification", "push_notification", 8107),
+    ServiceSpec("gateway", "gateway", 8111, "gateway"),
+)
+GATEWAY_BASE_PORT = 8111
+
+
+def spec(name: str) -> ServiceSpec:
+    for s in SERVICES:
+        if s.name == name or s.package == name:
+            return s
+    raise KeyError(name)
+
+
+def load_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (comments and blanks ignored); the process env wins."""
+    values: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if not line or line.startswith("#") or "=" not in line:
+                continue
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip().strip('"').strip("'")
+    values.update({k: v for k, v in os.environ.items()})
+    return values
+
+
+@dataclass
+class Stack:
+    """Every process of the system, started in order and stopped in reverse."""
+
+    var: Path
+    env: dict[str, str] = field(default_factory=dict)
+    public_port: int = 8080
+    kafka_port: int = 19092
+    mongo_port: int = 27117
+    gateways: int = 2
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, Proc] = field(default_factory=dict)
+    embedded_kafka: bool = True
+    embedded_mongo: bool = True
+
+    @classmethod
+    def for_tests(cls, var: Path, gateways: int = 2) -> Stack:
+        """A stack on free loopback ports, data under ``var``."""
+        stack = cls(var=var, public_port=free_port(), kafka_port=free_port(), mongo_port=free_port(), gateways=gateways)
+        stack.env = {
+            "LOG_LEVEL": "INFO",
+            "PROFILE_JWT_SECRET": "test-signing-key-" + os.urandom(8).hex(),
+            "GATEWAY_ALLOWED_ORIGINS": "*",
+            "ADMIN_USERNAME": "admin",
+            "ADMIN_PASSWORD": "admin-password-for-tests",
+        }
+        for s in SERVICES:
+            stack.ports[s.name] = free_port()
+        stack.ports.update({f"gateway-{i}": free_port() for i in range(1, gateways + 1)})
+        return stack
+
+    @classmethod
+    def from_env(cls, values: dict[str, str]) -> Stack:
+        """The development stack from .env (ports and production endpoints)."""
+        stack = cls(
+            var=Path(values.get("VAR_DIR", str(ROOT / "var"))),
+            public_port=int(values.get("PUBLIC_PORT", "8080")),
+            kafka_port=int(values.get("EMBEDDED_KAFKA_PORT", "19092")),
+            mongo_port=int(values.get("EMBEDDED_MONGO_PORT", "27117")),
+            gateways=int(values.get("GATEWAY_INSTANCES", "2")),
+        )
+        stack.env = dict(values)
+        if not values.get("PROFILE_JWT_SECRET") and not values.get("PROFILE_JWT_SECRET_FILE"):
+            # Development only: a signing key made once and kept under var/ (never in git).
+            key = stack.var / "jwt.key"
+            if not key.exists():
+                stack.var.mkdir(parents=True, exist_ok=True)
+                key.write_text(os.urandom(32).hex())
+                key.chmod(0o600)
+            stack.env["PROFILE_JWT_SECRET_FILE"] = str(key.resolve())
+        stack.embedded_kafka = not values.get("KAFKA_BOOTSTRAP_SERVERS")
+        stack.embedded_mongo = not values.get("MONGO_URL")
+        for s in SERVICES:
+            stack.ports[s.name] = int(values.get(f"{s.package.upper()}_PORT", s.port))
+        base = int(values.get("GATEWAY_PORT", GATEWAY_BASE_PORT))
+        stack.ports.update({f"gateway-{i}": base + i - 1 for i in range(1, stack.gateways + 1)})
+        return stack
+
+    # -- addresses --------------------------------------------------------
+
+    @property
+    def kafka(self) -> str:
+        return self.env.get("KAFKA_BOOTSTRAP_SERVERS") or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def mongo_url(self) -> str:
+        return self.env.get("MONGO_URL") or f"mongodb://127.0.0.1:{self.mongo_port}/?retryWrites=false"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.public_port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.public_port}/v1/ws"
+
+    def service_env(self, name: str, instance: int | None = None) -> dict[str, str]:
+        """The environment one service process runs with."""
+        env = dict(os.environ)
+        env.update(self.env)
+        env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka
+        env["MONGO_URL"] = self.mongo_url
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "libs"), str(ROOT)])
+        env["PYTHONUNBUFFERED"] = "1"
+        s = spec(name)
+        prefix = s.package.upper()
+        if name == "gateway":
+            idx = instance or 1
+            env["GATEWAY_PORT"] = str(self.ports[f"gateway-{idx}"])
+            env["GATEWAY_INSTANCE_ID"] = f"gw{idx}"
+        else:
+            env[f"{prefix}_PORT"] = str(self.ports[name])
+        env.setdefault("PUSH_NOTIFICATION_SINK_DIR", str(self.var / "push"))
+        return env
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start_infra(self, nginx: bool = True) -> None:
+        """Kafka, MongoDB and topics (and Nginx unless told not to)."""
+        self.var.mkdir(parents=True, exist_ok=True)
+        if self.embedded_kafka:
+            if port_open(self.kafka_port):
+                raise RuntimeError(f"port {self.kafka_port} (Kafka) is already in use")
+            self._start(kafka_proc(self.kafka_port, self.var), lambda: port_open(self.kafka_port), 20)
+        if self.embedded_mongo:
+            if port_open(self.mongo_port):
+                raise RuntimeError(f"port {self.mongo_port} (MongoDB) is already in use")
+            self._start(mongo_proc(self.mongo_port, self.var), lambda: port_open(self.mongo_port), 60)
+        self.create_topics()
+        if nginx:
+            self.start_nginx()
+
+    def create_topics(self) -> None:
+        sys.path.insert(0, str(ROOT / "libs"))
+        from chatlib.kafka import ensure_topics, wait_for_broker
+        from chatlib.topics import ALL_TOPICS, gateway_topic
+
+        wait_for_broker(self.kafka, 30)
+        topics = list(ALL_TOPICS) + [gateway_topic(f"gw{i}") for i in range(1, self.gateways + 1)]
+        ensure_topics(self.kafka, topics)
+
+    def nginx_settings(self) -> NginxSettings:
+        upstreams: dict[str, list[int]] = {}
+        for s in SERVICES:
+            if s.upstream is None:
+                continue
+            if s.name == "gateway":
+                upstreams[s.upstream] = [self.ports[f"gateway-{i}"] for i in range(1, self.gateways + 1)]
+            else:
+                upstreams[s.upstream] = [self.ports[s.name]]
+        return NginxSettings(public_port=self.public_port, upstreams=upstreams, var=self.var)
+
+    def start_nginx(self) -> None:
+        if port_open(self.public_port):
+            raise RuntimeError(f"port {self.public_port} (public HTTP) is already in use")
+        self._start(nginx_proc(self.nginx_settings()), lambda: port_open(self.public_port), 15)
+
+    def service_names(self) -> list[str]:
+        return [s.name for s in SERVICES if s.exists()]
+
+    def start_service(self, name: str, instance: int | None = None, wait: bool = True) -> Proc:
+        s = spec(name)
+        key = f"gateway-{instance or 1}" if name == "gateway" else name
+        port = self.ports[key]
+        proc = Proc(
+            key,
+            [sys.executable, "-m", f"services.{s.package}"],
+            self.var / "log" / f"{key}.log",
+            env=self.service_env(name, instance),
+            cwd=ROOT,
+        )
+        if wait:
+            self._start(proc, lambda: self.healthy(port), 60)
+        else:
+            proc.start()
+            self.procs[key] = proc
+        return proc
+
+    def start_services(self) -> None:
+        """Every service that exists, gateways ``self.gateways`` times, started in parallel."""
+        pending: list[tuple[Proc, int]] = []
+        for name in self.service_names():
+            instances = range(1, self.gateways + 1) if name == "gateway" else [None]
+            for inst in instances:
+                proc = self.start_service(name, inst, wait=False)
+                key = f"gateway-{inst}" if name == "gateway" else name
+                pending.append((proc, self.ports[key]))
+        for proc, port in pending:
+            wait_until(lambda port=port: self.healthy(port), 90, proc.name, proc.proc)
+
+    def start_all(self) -> None:
+        self.start_infra(nginx=False)
+        self.start_services()
+        self.start_nginx()
+
+    def healthy(self, port: int) -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _start(self, proc: Proc, ready: object, timeout: float) -> None:
+        proc.start()
+        self.procs[proc.name] = proc
+        try:
+            wait_until(ready, timeout, proc.name, proc.proc)  # type: ignore[arg-type]
+        except RuntimeError:
+            tail = proc.log.read_text(errors="replace")[-2000:] if proc.log.exists() else ""
+            raise RuntimeError(f"{proc.name} failed to start; log tail:\n{tail}") from None
+
+    def restart(self, key: str, kill: bool = False) -> None:
+        """Stop (or kill -9) one process and start it again with the same settings."""
+        proc = self.procs[key]
+        if kill:
+            proc.kill()
+        else:
+            proc.stop()
+        if key.startswith("gateway-"):
+            self.start_service("gateway", int(key.split("-")[1]))
+        elif key in {s.name for s in SERVICES}:
+            self.start_service(key)
+        else:
+            raise KeyError(f"restart of {key} is not supported")
+
+    def stop(self) -> None:
+        """Stop everything this stack started, services first, Kafka last."""
+        order = [k for k in self.procs if k not in ("nginx", "mongo", "kafka")] + ["nginx", "mongo", "kafka"]
+        for key in order:
+            proc = self.procs.get(key)
+            if proc is not None:
+                proc.stop(timeout=10)
+        self.procs.clear()
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} not answering")

@@ -1,0 +1,438 @@
+"""Kafka access on kafka-python: enveloped produce, at-least-once consumers, live views.
+
+- :class:`Publisher` sends typed events, keyed, inside the envelope.
+- :class:`ConsumerWorker` runs one consumer group: it hands each event to a
+  handler and commits a partition's offset only after the handler returned.
+  Transient failures (broker or database away) are retried with backoff
+  forever; any other handler failure is retried a few times, then the record
+  is parked on the dead-letter topic so the partition keeps moving.
+- :class:`CompactedView` reads a compacted topic from the beginning into a
+  dict (key -> latest event), the "live view" routers keep in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownProducerIdError
+from kafka.structs import OffsetAndMetadata
+from pymongo.errors import ConnectionFailure
+
+from . import metrics
+from .config import SharedConfig
+from .schemas import DeadLetter, Envelope, Event, to_bytes
+from .topics import ALL_TOPICS, DEAD_LETTERS, Topic
+
+logger = logging.getLogger(__name__)
+
+#: Errors after which the same record is retried (with backoff) instead of dead-lettered.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (KafkaError, ConnectionFailure, OSError)
+MAX_HANDLER_ATTEMPTS = 3
+
+
+class InfrastructureUnavailable(Exception):
+    """Kafka or MongoDB could not be reached within the start-up timeout."""
+
+
+def _backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
+    return min(cap, base * (2 ** min(attempt, 10)))
+
+
+# ---------------------------------------------------------------------------
+# Admin
+# ---------------------------------------------------------------------------
+
+
+def _tcp_reachable(bootstrap: str) -> bool:
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def wait_for_broker(bootstrap: str, timeout_s: float) -> None:
+    """Return once the broker answers; raise InfrastructureUnavailable after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not _tcp_reachable(bootstrap):
+        if time.monotonic() > deadline:
+            raise InfrastructureUnavailable(f"Kafka broker at {bootstrap} is unreachable (connection refused)")
+        time.sleep(0.2)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), client_id="probe")
+        admin.list_topics()
+        admin.close()
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not usable"
+        raise InfrastructureUnavailable(f"Kafka broker at {bootstrap} does not answer: {exc}") from None
+
+
+def ensure_topics(bootstrap: str, topics: Iterable[Topic] = ALL_TOPICS) -> list[str]:
+    """Create the topics that do not exist yet; return the names created."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, client_id="topics")
+    try:
+        existing = set(admin.list_topics())
+        new = [
+            NewTopic(t.name, num_partitions=t.partitions, replication_factor=1, topic_configs=t.topic_configs())
+            for t in topics
+            if t.name not in existing
+        ]
+        created: list[str] = []
+        for nt in new:
+            try:
+                admin.create_topics([nt])
+                created.append(nt.name)
+            except TopicAlreadyExistsError:
+                pass
+        return created
+    finally:
+        admin.close()
+
+
+# ---------------------------------------------------------------------------
+# Producer
+# ---------------------------------------------------------------------------
+
+
+class Publisher:
+    """Produces typed events inside the envelope, keyed, JSON-encoded."""
+
+    def __init__(self, config: SharedConfig, producer_name: str):
+        self._config = config
+        self._name = producer_name
+        self._lock = threading.Lock()
+        self._producer: KafkaProducer | None = None
+
+    def _make(self) -> KafkaProducer:
+        return KafkaProducer(
+            bootstrap_servers=self._config.kafka_bootstrap_servers,
+            client_id=self._name,
+            acks="all",
+            linger_ms=0,
+            enable_idempotence=self._config.kafka_enable_idempotence,
+            max_in_flight_requests_per_connection=1 if not self._config.kafka_enable_idempotence else 5,
+            retries=5,
+            request_timeout_ms=10000,
+        )
+
+    @property
+    def producer(self) -> KafkaProducer:
+        if self._producer is None:
+            with self._lock:
+                if self._producer is None:
+                    self._producer = self._make()
+        return self._producer
+
+    def start(self) -> None:
+        """Connect now, so an unreachable broker is reported at start."""
+        _ = self.producer
+
+    def send(self, topic: Topic | str, ev: Event, key: str | None = None) -> Any:
+        """Queue an event; returns kafka-python's future."""
+        name = topic.name if isinstance(topic, Topic) else topic
+        value = to_bytes(ev, self._name)
+        metrics.EVENTS_PRODUCED.labels(name, ev.TYPE).inc()
+        try:
+            return self.producer.send(name, value=value, key=key.encode() if key else None)
+        except UnknownProducerIdError:
+            self._reset()
+            return self.producer.send(name, value=value, key=key.encode() if key else None)
+
+    def publish(self, topic: Topic | str, ev: Event, key: str | None = None, timeout: float = 10.0) -> None:
+        """Send and wait until the broker has it (use before acknowledging anything)."""
+        self.send(topic, ev, key).get(timeout=timeout)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait for every queued event; recreate the producer if the broker forgot it."""
+        try:
+            self.producer.flush(timeout=timeout)
+        except UnknownProducerIdError:
+            self._reset()
+            raise
+
+    def _reset(self) -> None:
+        with self._lock:
+            old, self._producer = self._producer, None
+        if old is not None:
+            try:
+                old.close(timeout=1)
+            except Exception:  # noqa: BLE001
+                logger.debug("closing a broken producer failed", exc_info=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._producer is not None:
+                self._producer.flush(timeout=5)
+                self._producer.close(timeout=5)
+                self._producer = None
+
+
+# ---------------------------------------------------------------------------
+# Consumers
+# ---------------------------------------------------------------------------
+
+Handler = Callable[[Event], None]
+BatchHandler = Callable[[list[Event]], None]
+
+
+class ConsumerWorker:
+    """One consumer (group member or, with ``group_id=None``, a private reader) in a thread.
+
+    ``handler`` gets one event at a time; ``batch_handler`` gets every decoded
+    event of one partition from one poll (in offset order), which lets a
+    service turn a poll into one database round trip. Offsets are committed
+    per partition after the handler returned; a failure rewinds that
+    partition to the failed record.
+    """
+
+    def __init__(
+        self,
+        config: SharedConfig,
+        name: str,
+        topics: list[str],
+        group_id: str | None,
+        handler: Handler | None = None,
+        batch_handler: BatchHandler | None = None,
+        dead_letters: Publisher | None = None,
+        from_beginning: bool = True,
+        max_records: int = 500,
+    ):
+        if (handler is None) == (batch_handler is None):
+            raise ValueError("give exactly one of handler or batch_handler")
+        self.config = config
+        self.name = name
+        self.topics = topics
+        self.group_id = group_id
+        self.handler = handler
+        self.batch_handler = batch_handler
+        self.dead_letters = dead_letters
+        self.from_beginning = from_beginning
+        self.max_records = max_records
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._consumer: KafkaConsumer | None = None
+        self.assigned = threading.Event()
+        self.healthy = True
+        #: Called in the consumer thread after every poll (used by CompactedView).
+        self.after_poll: Callable[[KafkaConsumer], None] | None = None
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"consumer-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in hand, commit, close."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- internals --------------------------------------------------------
+
+    def _make_consumer(self) -> KafkaConsumer:
+        cfg = self.config
+        consumer = KafkaConsumer(
+            bootstrap_servers=cfg.kafka_bootstrap_servers,
+            group_id=self.group_id,
+            client_id=f"{self.name}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if self.from_beginning else "latest",
+            fetch_max_wait_ms=cfg.kafka_fetch_max_wait_ms,
+            session_timeout_ms=cfg.kafka_session_timeout_ms,
+            heartbeat_interval_ms=cfg.kafka_heartbeat_interval_ms,
+            max_poll_interval_ms=cfg.kafka_max_poll_interval_ms,
+            max_poll_records=self.max_records,
+        )
+        if self.group_id is None:
+            parts = []
+            for topic in self.topics:
+                deadline = time.monotonic() + 10
+                pids = consumer.partitions_for_topic(topic)
+                while not pids and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    pids = consumer.partitions_for_topic(topic)
+                parts += [TopicPartition(topic, p) for p in sorted(pids or [])]
+            consumer.assign(parts)
+            if self.from_beginning:
+                consumer.seek_to_beginning(*parts)
+            else:
+                consumer.seek_to_end(*parts)
+            self.assigned.set()
+        else:
+            consumer.subscribe(self.topics)
+        return consumer
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                if self._consumer is None:
+                    self._consumer = self._make_consumer()
+                    attempt = 0
+                records = self._consumer.poll(timeout_ms=200)
+                if self.group_id is not None and self._consumer.assignment():
+                    self.assigned.set()
+                for tp, msgs in records.items():
+                    self._process_partition(tp, msgs)
+                if self.after_poll is not None:
+                    self.after_poll(self._consumer)
+                self.healthy = True
+            except Exception as exc:  # noqa: BLE001 - keep the loop alive, with backoff
+                self.healthy = False
+                delay = _backoff(attempt)
+                attempt += 1
+                logger.warning("consumer %s: %s; retrying in %.1fs", self.name, exc.__class__.__name__, delay)
+                self._close_consumer(commit=False)
+                self._stop.wait(delay)
+        self._close_consumer(commit=True)
+
+    def _close_consumer(self, commit: bool) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        try:
+            consumer.close(autocommit=False)
+        except Exception:  # noqa: BLE001
+            logger.debug("consumer close failed", exc_info=True)
+
+    def _decode(self, msg: Any) -> Event | None:
+        try:
+            return Envelope.from_bytes(msg.value).parse()
+        except Exception as exc:  # noqa: BLE001 - a record nobody can read is parked, not retried
+            self._park(msg, f"undecodable: {exc.__class__.__name__}: {exc}")
+            return None
+
+    def _process_partition(self, tp: TopicPartition, msgs: list[Any]) -> None:
+        assert self._consumer is not None
+        if self.batch_handler is not None:
+            events = [(m, e) for m in msgs if (e := self._decode(m)) is not None]
+            if events:
+                self._call(lambda: self.batch_handler([e for _, e in events]), tp, msgs[0], msgs)  # type: ignore[misc]
+            self._commit(tp, msgs[-1].offset + 1)
+            return
+        for msg in msgs:
+            ev = self._decode(msg)
+            if ev is not None:
+                h = self.handler
+                assert h is not None
+                self._call(lambda ev=ev: h(ev), tp, msg, [msg])  # type: ignore[misc]
+            if self._stop.is_set() and msg is not msgs[-1]:
+                # Stop between records: commit what is done, the rest is re-read later.
+                self._commit(tp, msg.offset + 1)
+                self._consumer.seek(tp, msg.offset + 1)
+                return
+        self._commit(tp, msgs[-1].offset + 1)
+
+    def _call(self, fn: Callable[[], None], tp: TopicPartition, first: Any, msgs: list[Any]) -> None:
+        attempt = 0
+        while True:
+            start = time.perf_counter()
+            try:
+                fn()
+                metrics.EVENTS_HANDLED.labels(self.name, "ok").inc(len(msgs))
+                metrics.HANDLER_SECONDS.labels(self.name).observe(time.perf_counter() - start)
+                return
+            except TRANSIENT_ERRORS as exc:
+                # Broker or database away: keep the record, wait, try again.
+                delay = _backoff(attempt)
+                attempt += 1
+                logger.warning("handler %s: transient %s; retry in %.1fs", self.name, exc.__class__.__name__, delay)
+                if self._stop.wait(delay):
+                    raise
+            except Exception as exc:  # noqa: BLE001
+                attempt += 1
+                if attempt >= MAX_HANDLER_ATTEMPTS:
+                    logger.exception("handler %s failed %d times; dead-lettering", self.name, attempt)
+                    metrics.EVENTS_HANDLED.labels(self.name, "dead_letter").inc(len(msgs))
+                    for m in msgs:
+                        self._park(m, f"{exc.__class__.__name__}: {exc}")
+                    return
+                time.sleep(_backoff(attempt, base=0.05))
+
+    def _park(self, msg: Any, error: str) -> None:
+        logger.error("parking record %s[%s]@%s: %s", msg.topic, msg.partition, msg.offset, error)
+        if self.dead_letters is None:
+            return
+        value = msg.value.decode("utf-8", "replace") if isinstance(msg.value, bytes) else str(msg.value)
+        key = msg.key.decode("utf-8", "replace") if isinstance(msg.key, bytes) else None
+        self.dead_letters.publish(
+            DEAD_LETTERS,
+            DeadLetter(
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+                key=key,
+                value=value,
+                error=error[:2000],
+                consumer_group=self.group_id or self.name,
+            ),
+            key=msg.topic,
+        )
+
+    def _commit(self, tp: TopicPartition, offset: int) -> None:
+        if self.group_id is None or self._consumer is None:
+            return
+        self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1)})
+
+
+class CompactedView:
+    """An in-memory map key -> latest event, fed by a compacted topic read from the start.
+
+    ``ready`` is set once everything present at start-up has been read, so a
+    service can wait for a complete view before it routes. ``on_update`` is
+    called (in the consumer thread) after each change.
+    """
+
+    def __init__(
+        self,
+        config: SharedConfig,
+        name: str,
+        topic: Topic,
+        key_of: Callable[[Event], str],
+        on_update: Callable[[Event], None] | None = None,
+    ):
+        self.name = name
+        self.topic = topic
+        self.key_of = key_of
+        self.on_update = on_update
+        self.data: dict[str, Event] = {}
+        self.ready = threading.Event()
+        self._end_offsets: dict[TopicPartition, int] | None = None
+        self._worker = ConsumerWorker(config, name, [topic.name], None, handler=self._apply, from_beginning=True)
+        self._worker.after_poll = self._check_ready
+
+    def _apply(self, ev: Event) -> None:
+        self.data[self.key_of(ev)] = ev
+        if self.on_update is not None:
+            self.on_update(ev)
+
+    def get(self, key: str) -> Event | None:
+        return self.data.get(key)
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def _check_ready(self, consumer: KafkaConsumer) -> None:
+        # Ready once the reader's positions reach the end offsets seen at its first poll.
+        if self.ready.is_set():
+            return
+        parts = list(consumer.assignment())
+        if not parts:
+            return
+        if self._end_offsets is None:
+            self._end_offsets = consumer.end_offsets(parts)
+        if all(consumer.position(tp) >= end for tp, end in self._end_offsets.items()):
+            self.ready.set()
+
+    def stop(self) -> None:
+        self._worker.stop()

@@ -1,0 +1,18 @@
+"""Prometheus metrics shared by every service (exposed at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests served", ["method", "endpoint", "status"])
+HTTP_SECONDS = Histogram("http_request_seconds", "HTTP request latency", ["endpoint"])
+EVENTS_PRODUCED = Counter("kafka_events_produced_total", "Events produced", ["topic", "type"])
+EVENTS_HANDLED = Counter("kafka_events_handled_total", "Events handled by consumers", ["consumer", "outcome"])
+HANDLER_SECONDS = Histogram(
+    "kafka_handler_seconds",
+    "Consumer handler latency",
+    ["consumer"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+)
+WS_CONNECTIONS = Gauge("ws_connections", "Open WebSocket connections")
+WS_FRAMES = Counter("ws_frames_total", "WebSocket frames", ["direction", "type"])

@@ -1,0 +1,61 @@
+"""MongoDB access on pymongo: one client per process, indexes declared and applied at start.
+
+Only a service's ``storage`` module talks to MongoDB; it declares its indexes
+as :class:`Index` objects and the service applies them when it sets up.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymongo import MongoClient
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+
+from .config import SharedConfig
+from .kafka import InfrastructureUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Index:
+    """An index on one collection: ``keys`` as pymongo takes them."""
+
+    collection: str
+    keys: list[tuple[str, int]]
+    unique: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def connect(config: SharedConfig, app_name: str) -> MongoClient[dict[str, Any]]:
+    """Connect and ping; raise InfrastructureUnavailable if MongoDB cannot be reached."""
+    client: MongoClient[dict[str, Any]] = MongoClient(
+        config.mongo_url,
+        appname=app_name,
+        serverSelectionTimeoutMS=int(config.startup_timeout_s * 1000),
+        connectTimeoutMS=5000,
+        tz_aware=False,
+    )
+    try:
+        client.admin.command("ping")
+    except PyMongoError as exc:
+        client.close()
+        raise InfrastructureUnavailable(f"MongoDB at {_safe_url(config.mongo_url)} is unreachable: {exc}") from None
+    return client
+
+
+def apply_indexes(db: Database[dict[str, Any]], indexes: list[Index]) -> None:
+    """Create every declared index (idempotent)."""
+    for ix in indexes:
+        db[ix.collection].create_index(ix.keys, unique=ix.unique, **ix.options)
+
+
+def _safe_url(url: str) -> str:
+    # Never print credentials embedded in a URL.
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

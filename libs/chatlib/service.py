@@ -1,0 +1,269 @@
+"""Service declaration and lifecycle.
+
+A service is a class: its dependencies are class attributes, its Kafka entry
+points are methods decorated with :func:`consume`, its HTTP routes are added
+in :meth:`Service.routes`. The runner builds it, calls ``setup`` (connect,
+apply indexes; raises if something is unreachable), ``start`` (consumers and
+views running), and ``stop`` on SIGTERM (finish the batch in hand, commit
+offsets, close clients).
+
+Handlers stay plain methods: a unit test builds the service with
+``Service(config, store=FakeStore(), publisher=FakePublisher())`` and calls them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+from flask import Flask
+from pymongo import MongoClient
+from pymongo.database import Database
+
+from . import kafka as k
+from .config import SharedConfig
+from .http import create_app
+from .mongo import Index, apply_indexes, connect
+from .schemas import Event
+from .topics import Topic
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Dependency(Generic[T]):
+    """Something a service needs: set up before start, stopped after.
+
+    ``setup`` returns the object the service sees under the attribute's name.
+    """
+
+    attr: str = ""
+
+    def setup(self, service: Service) -> T:
+        raise NotImplementedError
+
+    def start(self, service: Service) -> None:
+        """Called once every dependency is set up."""
+
+    def stop(self) -> None:
+        """Release what setup acquired."""
+
+    def healthy(self) -> bool:
+        return True
+
+
+class _MongoHolder:
+    """One MongoClient per process, shared by every Storage dependency."""
+
+    client: MongoClient[dict[str, Any]] | None = None
+
+    @classmethod
+    def db(cls, service: Service) -> Database[dict[str, Any]]:
+        if cls.client is None:
+            cls.client = connect(service.config, service.name)
+        return cls.client[service.config.mongo_db]
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.client is not None:
+            cls.client.close()
+            cls.client = None
+
+
+class Storage(Dependency[T]):
+    """The service's storage class, built on the database, its ``INDEXES`` applied."""
+
+    def __init__(self, store_class: Callable[..., T]):
+        self.store_class = store_class
+
+    def setup(self, service: Service) -> T:
+        db = _MongoHolder.db(service)
+        apply_indexes(db, list(getattr(self.store_class, "INDEXES", [])))
+        return self.store_class(db)
+
+    def stop(self) -> None:
+        _MongoHolder.close()
+
+    def healthy(self) -> bool:
+        try:
+            if _MongoHolder.client is None:
+                return False
+            _MongoHolder.client.admin.command("ping")
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+
+class Producer(Dependency[k.Publisher]):
+    """A Kafka publisher of enveloped events."""
+
+    def setup(self, service: Service) -> k.Publisher:
+        self.publisher = k.Publisher(service.config, service.name)
+        self.publisher.start()
+        return self.publisher
+
+    def stop(self) -> None:
+        self.publisher.close()
+
+
+class View(Dependency[k.CompactedView]):
+    """A live in-memory view of a compacted topic (key -> latest event)."""
+
+    def __init__(self, topic: Topic, key: Callable[[Event], str], wait_ready: bool = True):
+        self.topic = topic
+        self.key = key
+        self.wait_ready = wait_ready
+
+    def setup(self, service: Service) -> k.CompactedView:
+        on_update = getattr(service, f"on_{self.attr}_update", None)
+        self.view = k.CompactedView(service.config, f"{service.name}-{self.attr}", self.topic, self.key, on_update)
+        return self.view
+
+    def start(self, service: Service) -> None:
+        self.view.start()
+        if self.wait_ready and not self.view.ready.wait(service.config.startup_timeout_s * 3):
+            raise k.InfrastructureUnavailable(f"view {self.attr} did not catch up with {self.topic.name}")
+
+    def stop(self) -> None:
+        self.view.stop()
+
+    def healthy(self) -> bool:
+        return self.view.ready.is_set()
+
+
+@dataclass
+class ConsumeSpec:
+    topics: list[Topic | str]
+    group: str | None
+    batch: bool
+    from_beginning: bool
+    private: bool
+
+
+def consume(
+    *topics: Topic | str, group: str | None = None, batch: bool = False, from_beginning: bool = True, private: bool = False
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Mark a method as the handler of these topics.
+
+    The consumer group defaults to the service name. ``batch=True`` hands the
+    method a list (one partition's records from one poll). ``private=True``
+    reads without a group (every instance sees every record, from the end
+    unless ``from_beginning``).
+    """
+
+    def mark(fn: Callable[..., None]) -> Callable[..., None]:
+        fn._consume = ConsumeSpec(list(topics), group, batch, from_beginning, private)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class ServiceConfig(SharedConfig):
+    """Base of every service's config; subclasses add fields and an ``env_prefix``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8100
+
+
+class Service:
+    """Base class of every service."""
+
+    name: ClassVar[str] = "service"
+    config_class: ClassVar[type[ServiceConfig]] = ServiceConfig
+    #: HTTP body limit for this service's app.
+    max_body_bytes: ClassVar[int] = 1024 * 1024
+
+    def __init__(self, config: ServiceConfig, **overrides: Any):
+        self.config = config
+        self._deps: dict[str, Dependency[Any]] = {}
+        self._workers: list[k.ConsumerWorker] = []
+        self._overrides = overrides
+        self._dead_letters: k.Publisher | None = None
+        for attr in dir(type(self)):
+            dep = getattr(type(self), attr, None)
+            if isinstance(dep, Dependency):
+                if attr in overrides:
+                    setattr(self, attr, overrides[attr])
+                else:
+                    mine = copy.copy(dep)
+                    mine.attr = attr
+                    self._deps[attr] = mine
+        for attr, value in overrides.items():
+            setattr(self, attr, value)
+
+    # -- lifecycle --------------------------------------------------------
+
+    def setup(self) -> None:
+        """Connect every dependency; raises InfrastructureUnavailable when one is unreachable."""
+        for attr, dep in self._deps.items():
+            setattr(self, attr, dep.setup(self))
+        self.on_setup()
+
+    def on_setup(self) -> None:
+        """Hook for work after dependencies exist (seed data, caches)."""
+
+    def start(self) -> None:
+        """Start views, then consumers."""
+        for dep in self._deps.values():
+            dep.start(self)
+        self._dead_letters = k.Publisher(self.config, f"{self.name}-dlq")
+        for attr in dir(type(self)):
+            fn = getattr(type(self), attr, None)
+            spec: ConsumeSpec | None = getattr(fn, "_consume", None)
+            if spec is None:
+                continue
+            bound = getattr(self, attr)
+            names = [t.name if isinstance(t, Topic) else t for t in spec.topics]
+            worker = k.ConsumerWorker(
+                self.config,
+                name=f"{self.name}.{attr}",
+                topics=names,
+                group_id=None if spec.private else (spec.group or self.name),
+                handler=None if spec.batch else bound,
+                batch_handler=bound if spec.batch else None,
+                dead_letters=self._dead_letters,
+                from_beginning=spec.from_beginning,
+            )
+            worker.start()
+            self._workers.append(worker)
+        self.on_start()
+        logger.info("%s started", self.name)
+
+    def on_start(self) -> None:
+        """Hook run after consumers started (background loops)."""
+
+    def stop(self) -> None:
+        """Graceful stop: consumers finish and commit, then clients close."""
+        logger.info("%s stopping", self.name)
+        self.on_stop()
+        for worker in self._workers:
+            worker.stop()
+        for dep in reversed(list(self._deps.values())):
+            try:
+                dep.stop()
+            except Exception:  # noqa: BLE001
+                logger.warning("stopping %s failed", dep.attr, exc_info=True)
+        if self._dead_letters is not None:
+            self._dead_letters.close()
+
+    def on_stop(self) -> None:
+        """Hook run first on stop."""
+
+    # -- HTTP -------------------------------------------------------------
+
+    def health(self) -> dict[str, bool]:
+        checks = {attr: dep.healthy() for attr, dep in self._deps.items()}
+        checks["consumers"] = all(w.healthy for w in self._workers)
+        return checks
+
+    def create_app(self) -> Flask:
+        app = create_app(self.name, self.health, self.max_body_bytes)
+        self.routes(app)
+        return app
+
+    def routes(self, app: Flask) -> None:
+        """Register this service's HTTP routes (blueprints) on ``app``."""

@@ -1,0 +1,63 @@
+"""pytest plugin: session fixtures that start the real system on free loopback ports.
+
+- ``stack``: Kafka (Tansu), MongoDB (SecantusDB), every service that exists
+  (two gateway instances) and Nginx, started once per test session.
+- ``api``: a factory of :class:`tests.support.Api` clients against Nginx.
+- ``user``: a fresh signed-up and logged-in user (``tests.support.User``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helper.stack import Stack
+from tests.support import Api, User, new_user
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    var = Path(tempfile.mkdtemp(prefix="chat-test-"))
+    st = Stack.for_tests(var, gateways=2)
+    try:
+        st.start_all()
+    except Exception:
+        st.stop()
+        _dump_logs(var)
+        raise
+    yield st
+    st.stop()
+    if os.environ.get("KEEP_TEST_VAR"):
+        print(f"test data kept in {var}")
+    else:
+        shutil.rmtree(var, ignore_errors=True)
+
+
+def _dump_logs(var: Path) -> None:
+    for log in sorted((var / "log").glob("*.log")):
+        print(f"===== {log.name} =====")
+        print(log.read_text(errors="replace")[-3000:])
+
+
+@pytest.fixture
+def api(stack: Stack) -> Api:
+    return Api(stack.base_url)
+
+
+@pytest.fixture
+def user(stack: Stack) -> User:
+    return new_user(stack.base_url)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests under integration/, e2e/ and browser/ get their marker from the folder.
+    for item in items:
+        path = str(item.fspath)
+        for folder in ("integration", "e2e", "browser"):
+            if f"{os.sep}tests{os.sep}{folder}{os.sep}" in path:
+                item.add_marker(getattr(pytest.mark, folder))

@@ -1,0 +1,226 @@
+"""Client helpers for tests and benchmarks: a REST client and a WebSocket client.
+
+They speak only the public contract through Nginx, as a mobile or web app would.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+import websocket
+
+
+class Api:
+    """A thin REST client: ``api.post("/v1/auth/signup", json=..., token=...)``."""
+
+    def __init__(self, base_url: str, token: str | None = None):
+        self.base_url = base_url
+        self.token = token
+        self.http = requests.Session()
+
+    def request(self, method: str, path: str, token: str | None = None, **kw: Any) -> requests.Response:
+        headers = dict(kw.pop("headers", {}) or {})
+        tok = token if token is not None else self.token
+        if tok:
+            headers.setdefault("Authorization", f"Bearer {tok}")
+        return self.http.request(method, self.base_url + path, headers=headers, timeout=15, **kw)
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, **kw: Any) -> requests.Response:
+        return self.request("POST", path, **kw)
+
+    def patch(self, path: str, **kw: Any) -> requests.Response:
+        return self.request("PATCH", path, **kw)
+
+    def put(self, path: str, **kw: Any) -> requests.Response:
+        return self.request("PUT", path, **kw)
+
+    def delete(self, path: str, **kw: Any) -> requests.Response:
+        return self.request("DELETE", path, **kw)
+
+
+def unique_name(prefix: str = "u") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class User:
+    """A signed-up user with one logged-in device."""
+
+    base_url: str
+    username: str
+    password: str
+    user_id: str
+    device_id: str
+    access_token: str
+    refresh_token: str
+    name: str = ""
+    sockets: list[WsClient] = field(default_factory=list)
+
+    @property
+    def api(self) -> Api:
+        return Api(self.base_url, self.access_token)
+
+    def login_device(self, device_type: str = "web", **extra: Any) -> User:
+        """Log the same account in on another (new) device."""
+        r = Api(self.base_url).post(
+            "/v1/auth/login",
+            json={"username": self.username, "password": self.password, "device_type": device_type, **extra},
+        )
+        r.raise_for_status()
+        body = r.json()
+        return User(
+            self.base_url,
+            self.username,
+            self.password,
+            self.user_id,
+            body["device_id"],
+            body["access_token"],
+            body["refresh_token"],
+            self.name,
+        )
+
+    def connect(self, ws_url: str | None = None, **kw: Any) -> WsClient:
+        url = ws_url or self.base_url.replace("http://", "ws://") + "/v1/ws"
+        ws = WsClient(url, self.access_token, **kw)
+        self.sockets.append(ws)
+        return ws
+
+
+def new_user(base_url: str, device_type: str = "mobile", name: str | None = None) -> User:
+    """Sign up a fresh user and log in one device."""
+    api = Api(base_url)
+    username = unique_name()
+    password = "correct horse battery"
+    r = api.post("/v1/auth/signup", json={"username": username, "password": password, "name": name or username})
+    assert r.status_code == 201, r.text
+    r = api.post("/v1/auth/login", json={"username": username, "password": password, "device_type": device_type})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return User(
+        base_url,
+        username,
+        password,
+        body["user_id"],
+        body["device_id"],
+        body["access_token"],
+        body["refresh_token"],
+        name or username,
+    )
+
+
+class WsClient:
+    """A WebSocket client with a reader thread; frames land in a queue.
+
+    ``expect(type, **match)`` waits for the next frame of that type whose fields
+    match, keeping unmatched frames for later calls. ``drop_duplicates`` drops a
+    ``message`` whose (conversation, seq) was already seen, as the contract asks
+    of clients.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        via_query: bool = False,
+        origin: str | None = None,
+        drop_duplicates: bool = True,
+        timeout: float = 10,
+    ):
+        headers = []
+        if token and not via_query:
+            headers.append(f"Authorization: Bearer {token}")
+        if token and via_query:
+            url = f"{url}?token={token}"
+        self.ws = websocket.create_connection(url, header=headers, origin=origin, timeout=timeout)
+        self.frames: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.backlog: list[dict[str, Any]] = []
+        self.seen: set[tuple[str, int]] = set()
+        self.duplicates = 0
+        self.drop_duplicates = drop_duplicates
+        self.closed = threading.Event()
+        self.close_reason: str | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                opcode, data = self.ws.recv_data()
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    self.close_reason = data[2:].decode(errors="replace") if len(data) > 2 else ""
+                    break
+                if opcode != websocket.ABNF.OPCODE_TEXT:
+                    continue
+                frame = json.loads(data)
+                if frame.get("type") == "message" and self.drop_duplicates:
+                    key = (frame["conversation"], frame["seq"])
+                    if key in self.seen:
+                        self.duplicates += 1
+                        continue
+                    self.seen.add(key)
+                self.frames.put(frame)
+        except Exception:  # noqa: BLE001 - socket closed
+            pass
+        finally:
+            self.closed.set()
+
+    def send(self, frame: dict[str, Any] | str) -> None:
+        self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    def send_message(self, to: str | None = None, body: str = "hi", group: str | None = None, cid: str | None = None) -> str:
+        cid = cid or uuid.uuid4().hex
+        frame: dict[str, Any] = {"type": "message", "id": cid, "body": body}
+        if group:
+            frame["group"] = group
+        else:
+            frame["to"] = to
+        self.send(frame)
+        return cid
+
+    def expect(self, type_: str, timeout: float = 10, where: Callable[[dict[str, Any]], bool] | None = None, **match: Any) -> dict[str, Any]:
+        def ok(f: dict[str, Any]) -> bool:
+            return f.get("type") == type_ and all(f.get(k) == v for k, v in match.items()) and (where is None or where(f))
+
+        for i, f in enumerate(self.backlog):
+            if ok(f):
+                return self.backlog.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {type_} frame matching {match} within {timeout}s; backlog={self.backlog[-10:]}")
+            try:
+                f = self.frames.get(timeout=left)
+            except queue.Empty:
+                continue
+            if ok(f):
+                return f
+            self.backlog.append(f)
+
+    def collect(self, type_: str, count: int, timeout: float = 20, **match: Any) -> list[dict[str, Any]]:
+        return [self.expect(type_, timeout=timeout, **match) for _ in range(count)]
+
+    def nothing(self, type_: str, seconds: float = 1.0, **match: Any) -> bool:
+        """True if no matching frame arrives within ``seconds``."""
+        try:
+            self.expect(type_, timeout=seconds, **match)
+        except AssertionError:
+            return True
+        return False
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        except Exception:  # noqa: BLE001
+            pass
