@@ -10,7 +10,7 @@ export PYTHONPATH := $(CURDIR)/libs:$(CURDIR)
 SERVICES := profile group persistence session message-router group-router push-notification gateway
 
 .PHONY: help setup system-deps browser-deps run infra test test-unit test-integration test-e2e test-browser \
-        lint format typecheck bench topics clean $(addprefix run-,$(SERVICES))
+        lint format typecheck bench topics docs clean $(addprefix run-,$(SERVICES))
 
 help:
 	@echo "make run          set up and start the whole system on 127.0.0.1:8080 (PUBLIC_PORT in .env)"
@@ -87,6 +87,10 @@ typecheck: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# Regenerate docs/api.html and docs/events.md from docs/openapi.yaml and chatlib.schemas.
+docs: setup
+	$(PY) -m helper.gen_docs
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -41,7 +41,9 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -160,13 +162,17 @@ def render_nginx(settings: NginxSettings) -> Path:
     tmpl = (ROOT / "deployment" / "nginx" / "nginx.conf.tmpl").read_text()
     blocks = []
     for name, ports in settings.upstreams.items():
-        servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in ports) or "        server 127.0.0.1:9 down;"
+        servers = (
+            "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in ports) or "        server 127.0.0.1:9 down;"
+        )
         balance = "        least_conn;\n" if len(ports) > 1 else ""
         blocks.append(f"    upstream {name.replace('-', '_')} {{\n{balance}{servers}\n        keepalive 32;\n    }}")
     ngx = settings.var / "nginx"
     for sub in ("tmp", "log"):
         (ngx / sub).mkdir(parents=True, exist_ok=True)
+    user_directive = _prepare_worker_user(settings.var, ngx / "tmp")
     values = {
+        "USER_DIRECTIVE": user_directive,
         "UPSTREAMS": "\n".join(blocks),
         "PUBLIC_PORT": str(settings.public_port),
         "WWW_ROOT": str(settings.www),
@@ -183,6 +189,37 @@ def render_nginx(settings: NginxSettings) -> Path:
     out = ngx / "nginx.conf"
     out.write_text(tmpl)
     return out
+
+
+def _prepare_worker_user(var: Path, tmp: Path) -> str:
+    """As root, nginx workers run as an unprivileged user: let it reach its temp files.
+
+    The workers write proxied bodies and large responses under ``tmp``; every
+    directory above it must be traversable and ``tmp`` itself owned by that user.
+    """
+    if os.geteuid() != 0:
+        return ""
+    import pwd
+
+    for name in ("www-data", "nobody"):
+        try:
+            entry = pwd.getpwnam(name)
+            break
+        except KeyError:
+            continue
+    else:
+        return ""
+    # Workers also read www/ and docs/ under the project: traverse (not list) rights only.
+    for path in {var, *var.parents, ROOT, *ROOT.parents}:
+        try:
+            mode = path.stat().st_mode
+            if not mode & 0o001:
+                path.chmod(mode | 0o111)
+        except OSError:
+            continue
+    for path in [tmp, *tmp.rglob("*")]:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    return f"user {name};"
 
 
 def nginx_binary() -> str:

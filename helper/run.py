@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from .infra import ROOT
 from .stack import SERVICES, Stack, load_dotenv, spec
@@ -63,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             if s.name == "gateway" and values.get("GATEWAY_INSTANCE_ID"):
                 env["GATEWAY_INSTANCE_ID"] = values["GATEWAY_INSTANCE_ID"]
             os.chdir(ROOT)
-            os.execve(sys.executable, [sys.executable, "-m", f"services.{s.package}"], env)
+            os.execve(sys.executable, [sys.executable, "-m", f"services.{s.package}"], env)  # noqa: S606
         if args.what == "infra":
             stack.start_infra(nginx=True)
-            print(f"infrastructure up: Kafka {stack.kafka}, MongoDB {stack.mongo_url}, Nginx {stack.base_url}", flush=True)
+            print(
+                f"infrastructure up: Kafka {stack.kafka}, MongoDB {stack.mongo_url}, Nginx {stack.base_url}", flush=True
+            )
             print("start services with make run-<service>; Ctrl-C stops.", flush=True)
             return _wait_for_signal(stack, watch=True)
         print("starting Kafka, MongoDB, services and Nginx...", flush=True)

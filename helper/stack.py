@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -92,11 +93,15 @@ class Stack:
     procs: dict[str, Proc] = field(default_factory=dict)
     embedded_kafka: bool = True
     embedded_mongo: bool = True
+    auth_rate: str = "20r/s"
+    auth_burst: int = 40
 
     @classmethod
     def for_tests(cls, var: Path, gateways: int = 2) -> Stack:
         """A stack on free loopback ports, data under ``var``."""
         stack = cls(var=var, public_port=free_port(), kafka_port=free_port(), mongo_port=free_port(), gateways=gateways)
+        # Tests and benchmarks sign up many users from one address.
+        stack.auth_rate, stack.auth_burst = "200r/s", 400
         stack.env = {
             "LOG_LEVEL": "INFO",
             "PROFILE_JWT_SECRET": "test-signing-key-" + os.urandom(8).hex(),
@@ -118,6 +123,8 @@ class Stack:
             kafka_port=int(values.get("EMBEDDED_KAFKA_PORT", "19092")),
             mongo_port=int(values.get("EMBEDDED_MONGO_PORT", "27117")),
             gateways=int(values.get("GATEWAY_INSTANCES", "2")),
+            auth_rate=values.get("NGINX_AUTH_RATE", "20r/s"),
+            auth_burst=int(values.get("NGINX_AUTH_BURST", "40")),
         )
         stack.env = dict(values)
         if not values.get("PROFILE_JWT_SECRET") and not values.get("PROFILE_JWT_SECRET_FILE"):
@@ -171,6 +178,9 @@ class Stack:
         else:
             env[f"{prefix}_PORT"] = str(self.ports[name])
         env.setdefault("PUSH_NOTIFICATION_SINK_DIR", str(self.var / "push"))
+        if not env.get("PUSH_NOTIFICATION_PERSISTENCE_URL"):
+            # push-notification reads mute lists from persistence's internal HTTP port.
+            env["PUSH_NOTIFICATION_PERSISTENCE_URL"] = f"http://127.0.0.1:{self.ports['persistence']}"
         return env
 
     # -- lifecycle --------------------------------------------------------
@@ -208,7 +218,13 @@ class Stack:
                 upstreams[s.upstream] = [self.ports[f"gateway-{i}"] for i in range(1, self.gateways + 1)]
             else:
                 upstreams[s.upstream] = [self.ports[s.name]]
-        return NginxSettings(public_port=self.public_port, upstreams=upstreams, var=self.var)
+        return NginxSettings(
+            public_port=self.public_port,
+            upstreams=upstreams,
+            var=self.var,
+            auth_rate=self.auth_rate,
+            auth_burst=self.auth_burst,
+        )
 
     def start_nginx(self) -> None:
         if port_open(self.public_port):
@@ -216,7 +232,9 @@ class Stack:
         self._start(nginx_proc(self.nginx_settings()), lambda: port_open(self.public_port), 15)
 
     def service_names(self) -> list[str]:
-        return [s.name for s in SERVICES if s.exists()]
+        # STACK_ONLY=profile,session limits the stack to those services (while others are being built).
+        only = {n.strip() for n in os.environ.get("STACK_ONLY", "").split(",") if n.strip()}
+        return [s.name for s in SERVICES if s.exists() and (not only or s.name in only or s.package in only)]
 
     def start_service(self, name: str, instance: int | None = None, wait: bool = True) -> Proc:
         s = spec(name)
@@ -282,10 +300,23 @@ class Stack:
         else:
             raise KeyError(f"restart of {key} is not supported")
 
+    def restart_mongo(self, kill: bool = True) -> None:
+        """Kill (or stop) the embedded MongoDB and start it again on the same port and data."""
+        proc = self.procs["mongo"]
+        proc.kill() if kill else proc.stop()
+        self._start(mongo_proc(self.mongo_port, self.var), lambda: port_open(self.mongo_port), 60)
+
     def stop(self) -> None:
         """Stop everything this stack started, services first, Kafka last."""
-        order = [k for k in self.procs if k not in ("nginx", "mongo", "kafka")] + ["nginx", "mongo", "kafka"]
-        for key in order:
+        infra = ("nginx", "mongo", "kafka")
+        services = [p for k, p in self.procs.items() if k not in infra]
+        # Services stop in parallel (each finishes its batch and commits), then the infrastructure.
+        for proc in services:
+            proc.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in services:
+            proc.stop(timeout=max(0.1, deadline - time.monotonic()))
+        for key in infra:
             proc = self.procs.get(key)
             if proc is not None:
                 proc.stop(timeout=10)

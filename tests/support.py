@@ -136,6 +136,7 @@ class WsClient:
         origin: str | None = None,
         drop_duplicates: bool = True,
         timeout: float = 10,
+        read_timeout: float | None = None,
     ):
         headers = []
         if token and not via_query:
@@ -143,6 +144,9 @@ class WsClient:
         if token and via_query:
             url = f"{url}?token={token}"
         self.ws = websocket.create_connection(url, header=headers, origin=origin, timeout=timeout)
+        # ``timeout`` bounds the handshake; reads must not time out, or the reader thread
+        # would end after that long without a frame (an idle but healthy socket).
+        self.ws.settimeout(read_timeout)
         self.frames: queue.Queue[dict[str, Any]] = queue.Queue()
         self.backlog: list[dict[str, Any]] = []
         self.seen: set[tuple[str, int]] = set()
@@ -170,7 +174,7 @@ class WsClient:
                         continue
                     self.seen.add(key)
                 self.frames.put(frame)
-        except Exception:  # noqa: BLE001 - socket closed
+        except Exception:
             pass
         finally:
             self.closed.set()
@@ -178,7 +182,9 @@ class WsClient:
     def send(self, frame: dict[str, Any] | str) -> None:
         self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
 
-    def send_message(self, to: str | None = None, body: str = "hi", group: str | None = None, cid: str | None = None) -> str:
+    def send_message(
+        self, to: str | None = None, body: str = "hi", group: str | None = None, cid: str | None = None
+    ) -> str:
         cid = cid or uuid.uuid4().hex
         frame: dict[str, Any] = {"type": "message", "id": cid, "body": body}
         if group:
@@ -188,9 +194,13 @@ class WsClient:
         self.send(frame)
         return cid
 
-    def expect(self, type_: str, timeout: float = 10, where: Callable[[dict[str, Any]], bool] | None = None, **match: Any) -> dict[str, Any]:
+    def expect(
+        self, type_: str, timeout: float = 10, where: Callable[[dict[str, Any]], bool] | None = None, **match: Any
+    ) -> dict[str, Any]:
         def ok(f: dict[str, Any]) -> bool:
-            return f.get("type") == type_ and all(f.get(k) == v for k, v in match.items()) and (where is None or where(f))
+            return (
+                f.get("type") == type_ and all(f.get(k) == v for k, v in match.items()) and (where is None or where(f))
+            )
 
         for i, f in enumerate(self.backlog):
             if ok(f):
@@ -199,7 +209,9 @@ class WsClient:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {type_} frame matching {match} within {timeout}s; backlog={self.backlog[-10:]}")
+                raise AssertionError(
+                    f"no {type_} frame matching {match} within {timeout}s; backlog={self.backlog[-10:]}"
+                )
             try:
                 f = self.frames.get(timeout=left)
             except queue.Empty:
@@ -222,5 +234,34 @@ class WsClient:
     def close(self) -> None:
         try:
             self.ws.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
+
+
+def topic_events(
+    bootstrap: str,
+    topic: str,
+    key: str,
+    until: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 10,
+) -> list[dict[str, Any]]:
+    """Envelopes (as dicts) of the records keyed ``key`` on ``topic``, read from the start
+    until ``until(envelopes)`` holds; raises AssertionError after ``timeout`` seconds."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        found: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                found += [json.loads(r.value) for r in records if r.key == key.encode()]
+            if until(found):
+                return found
+        kinds = [e.get("type") for e in found]
+        raise AssertionError(f"records keyed {key} on {topic} never satisfied the condition: {kinds}")
+    finally:
+        consumer.close()

@@ -38,6 +38,8 @@ class SharedConfig(BaseSettings):
     )
     # Kafka consumer tuning (docs/operations.md says why these values).
     kafka_fetch_max_wait_ms: int = shared(10, "KAFKA_FETCH_MAX_WAIT_MS")
+    # Fetch wait of consumers off the message path (presence, users, groups...).
+    kafka_fetch_max_wait_relaxed_ms: int = shared(100, "KAFKA_FETCH_MAX_WAIT_RELAXED_MS")
     kafka_session_timeout_ms: int = shared(6000, "KAFKA_SESSION_TIMEOUT_MS")
     kafka_heartbeat_interval_ms: int = shared(2000, "KAFKA_HEARTBEAT_INTERVAL_MS")
     kafka_max_poll_interval_ms: int = shared(10000, "KAFKA_MAX_POLL_INTERVAL_MS")

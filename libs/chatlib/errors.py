@@ -6,11 +6,11 @@ Every HTTP error body and every WebSocket ``error`` frame comes from
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Error codes of the public contract, with their HTTP status."""
 
     INVALID_REQUEST = "invalid_request"

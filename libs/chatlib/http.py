@@ -17,7 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
+from kafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pymongo.errors import ConnectionFailure
 from werkzeug.exceptions import HTTPException
 
 from . import metrics
@@ -90,6 +92,14 @@ def create_app(name: str, health: HealthCheck | None = None, max_body_bytes: int
             status, err.description or code.value
         )
         return jsonify(ApiError(code, message).to_body()), status
+
+    @app.errorhandler(ConnectionFailure)
+    @app.errorhandler(KafkaError)
+    def _dependency_down(err: Exception) -> tuple[Response, int]:
+        # The database or broker is away: the client may retry; the service reconnects by itself.
+        logger.warning("dependency unavailable on %s %s: %s", request.method, request.path, err.__class__.__name__)
+        body = ApiError(ErrorCode.UNAVAILABLE, "a backing service is unavailable, retry shortly").to_body()
+        return jsonify(body), 503
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> tuple[Response, int]:

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import socket
 import threading
 import time
@@ -28,7 +30,7 @@ from pymongo.errors import ConnectionFailure
 from . import metrics
 from .config import SharedConfig
 from .schemas import DeadLetter, Envelope, Event, to_bytes
-from .topics import ALL_TOPICS, DEAD_LETTERS, Topic
+from .topics import ALL_TOPICS, DEAD_LETTERS, Topic, is_hot
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class InfrastructureUnavailable(Exception):
 
 
 def _backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
-    return min(cap, base * (2 ** min(attempt, 10)))
+    return min(cap, base * float(2 ** min(attempt, 10)))
 
 
 # ---------------------------------------------------------------------------
@@ -69,20 +71,36 @@ def wait_for_broker(bootstrap: str, timeout_s: float) -> None:
             raise InfrastructureUnavailable(f"Kafka broker at {bootstrap} is unreachable (connection refused)")
         time.sleep(0.2)
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), client_id="probe")
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), client_id="probe"
+        )
         admin.list_topics()
         admin.close()
     except Exception as exc:  # noqa: BLE001 - any failure here means "not usable"
         raise InfrastructureUnavailable(f"Kafka broker at {bootstrap} does not answer: {exc}") from None
 
 
-def ensure_topics(bootstrap: str, topics: Iterable[Topic] = ALL_TOPICS) -> list[str]:
-    """Create the topics that do not exist yet; return the names created."""
+def topic_replication_factor() -> int:
+    """``KAFKA_REPLICATION_FACTOR``: 1 for the embedded broker (default), 3 on a production cluster."""
+    raw = os.environ.get("KAFKA_REPLICATION_FACTOR", "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"KAFKA_REPLICATION_FACTOR: must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def ensure_topics(
+    bootstrap: str, topics: Iterable[Topic] = ALL_TOPICS, replication_factor: int | None = None
+) -> list[str]:
+    """Create the topics that do not exist yet; return the names created.
+
+    Replicas per partition: ``replication_factor``, else :func:`topic_replication_factor`.
+    """
+    rf = replication_factor if replication_factor is not None else topic_replication_factor()
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, client_id="topics")
     try:
         existing = set(admin.list_topics())
         new = [
-            NewTopic(t.name, num_partitions=t.partitions, replication_factor=1, topic_configs=t.topic_configs())
+            NewTopic(t.name, num_partitions=t.partitions, replication_factor=rf, topic_configs=t.topic_configs())
             for t in topics
             if t.name not in existing
         ]
@@ -165,7 +183,7 @@ class Publisher:
         if old is not None:
             try:
                 old.close(timeout=1)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.debug("closing a broken producer failed", exc_info=True)
 
     def close(self) -> None:
@@ -247,7 +265,11 @@ class ConsumerWorker:
             client_id=f"{self.name}",
             enable_auto_commit=False,
             auto_offset_reset="earliest" if self.from_beginning else "latest",
-            fetch_max_wait_ms=cfg.kafka_fetch_max_wait_ms,
+            fetch_max_wait_ms=(
+                cfg.kafka_fetch_max_wait_ms
+                if any(is_hot(t) for t in self.topics)
+                else cfg.kafka_fetch_max_wait_relaxed_ms
+            ),
             session_timeout_ms=cfg.kafka_session_timeout_ms,
             heartbeat_interval_ms=cfg.kafka_heartbeat_interval_ms,
             max_poll_interval_ms=cfg.kafka_max_poll_interval_ms,
@@ -302,7 +324,7 @@ class ConsumerWorker:
             return
         try:
             consumer.close(autocommit=False)
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.debug("consumer close failed", exc_info=True)
 
     def _decode(self, msg: Any) -> Event | None:
@@ -320,12 +342,12 @@ class ConsumerWorker:
                 self._call(lambda: self.batch_handler([e for _, e in events]), tp, msgs[0], msgs)  # type: ignore[misc]
             self._commit(tp, msgs[-1].offset + 1)
             return
+        handler = self.handler
+        assert handler is not None
         for msg in msgs:
             ev = self._decode(msg)
             if ev is not None:
-                h = self.handler
-                assert h is not None
-                self._call(lambda ev=ev: h(ev), tp, msg, [msg])  # type: ignore[misc]
+                self._call(functools.partial(handler, ev), tp, msg, [msg])
             if self._stop.is_set() and msg is not msgs[-1]:
                 # Stop between records: commit what is done, the rest is re-read later.
                 self._commit(tp, msg.offset + 1)
@@ -349,7 +371,7 @@ class ConsumerWorker:
                 logger.warning("handler %s: transient %s; retry in %.1fs", self.name, exc.__class__.__name__, delay)
                 if self._stop.wait(delay):
                     raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 attempt += 1
                 if attempt >= MAX_HANDLER_ATTEMPTS:
                     logger.exception("handler %s failed %d times; dead-lettering", self.name, attempt)

@@ -334,6 +334,10 @@ class GatewayHeartbeat(Event):
     gateway: str
     connections: list[tuple[str, str, str]] = []  # (user_id, device_id, conn_id)
     ts: int
+    # A gateway with many sockets splits one heartbeat (same ts) into ``chunks``
+    # records so each stays far below Kafka's record size limit.
+    chunk: int = 0
+    chunks: int = 1
 
 
 # ---------------------------------------------------------------------------
@@ -514,6 +518,27 @@ class GroupChanged(Event):
     ts: int
 
 
+@event
+class ChannelCreated(Event):
+    """A public group (channel) was created; on channel.events.v1 keyed by group_id."""
+
+    TYPE = "channel.created"
+    group_id: str
+    name: str
+    owner: str
+    ts: int
+
+
+@event
+class ChannelDeleted(Event):
+    """A public group (channel) was deleted; on channel.events.v1 keyed by group_id."""
+
+    TYPE = "channel.deleted"
+    group_id: str
+    actor: str | None = None
+    ts: int
+
+
 # ---------------------------------------------------------------------------
 # push.requests.v1 — keyed by user
 # ---------------------------------------------------------------------------
@@ -561,6 +586,12 @@ class _Frame(BaseModel):
 
 
 class ClientMessage(_Frame):
+    """Send a message: ``to`` a user, or to a ``group`` (exactly one of them).
+
+    ``id`` is the sender's client id: sending again with the same ``id`` never
+    makes a second message (idempotent retry). The server answers with ``ack``.
+    """
+
     type: Literal["message"]
     id: str = Field(min_length=1, max_length=MAX_CLIENT_ID)
     to: str | None = Field(default=None, min_length=1, max_length=128)
@@ -582,6 +613,8 @@ class ClientMessage(_Frame):
 
 
 class ClientReceipt(_Frame):
+    """This device has received (``delivered``) or shown (``read``) everything up to ``up_to_seq``."""
+
     type: Literal["receipt"]
     conversation: str = Field(min_length=1, max_length=300)
     status: Literal["delivered", "read"]
@@ -589,12 +622,16 @@ class ClientReceipt(_Frame):
 
 
 class ClientTyping(_Frame):
+    """The user started or stopped typing in a conversation (not stored)."""
+
     type: Literal["typing"]
     conversation: str = Field(min_length=1, max_length=300)
     state: Literal["start", "stop"]
 
 
 class ClientPing(_Frame):
+    """Keep-alive; the server answers ``pong``."""
+
     type: Literal["ping"]
 
 
@@ -648,22 +685,40 @@ def parse_client_frame(text: str | bytes) -> _Frame:
 
 
 def ack_frame(client_id: str, message_id: str, conversation: str, seq: int, ts: int) -> dict[str, Any]:
-    return {"type": "ack", "id": client_id, "message_id": message_id, "conversation": conversation, "seq": seq, "ts": ts}
+    """The message with client ``id`` is durably stored: after an ack the server never loses it."""
+    return {
+        "type": "ack",
+        "id": client_id,
+        "message_id": message_id,
+        "conversation": conversation,
+        "seq": seq,
+        "ts": ts,
+    }
 
 
 def receipt_frame(conversation: str, user_id: str, status: str, up_to_seq: int) -> dict[str, Any]:
-    return {"type": "receipt", "conversation": conversation, "user_id": user_id, "status": status, "up_to_seq": up_to_seq}
+    """``user_id`` has received or read up to ``up_to_seq``: to the senders and the reader's other devices."""
+    return {
+        "type": "receipt",
+        "conversation": conversation,
+        "user_id": user_id,
+        "status": status,
+        "up_to_seq": up_to_seq,
+    }
 
 
 def typing_frame(conversation: str, user_id: str, state: str) -> dict[str, Any]:
+    """``user_id`` started or stopped typing in ``conversation``."""
     return {"type": "typing", "conversation": conversation, "user_id": user_id, "state": state}
 
 
 def presence_frame(user_id: str, online: bool, last_seen: int) -> dict[str, Any]:
+    """``user_id`` came online or went offline: to users who share a conversation with them."""
     return {"type": "presence", "user_id": user_id, "online": online, "last_seen": last_seen}
 
 
 def group_event_frame(change: GroupChanged) -> dict[str, Any]:
+    """A group changed (``event``), with the users it affects and the group's new state: to its members."""
     return {
         "type": "group_event",
         "group_id": change.group.group_id,
@@ -676,6 +731,7 @@ def group_event_frame(change: GroupChanged) -> dict[str, Any]:
 
 
 def error_frame(code: str, message: str, ref: str | None = None) -> dict[str, Any]:
+    """A frame was refused; ``ref`` is the client ``id`` of that frame. The socket stays open."""
     frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
     if ref is not None:
         frame["ref"] = ref

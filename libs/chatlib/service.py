@@ -26,7 +26,7 @@ from pymongo.database import Database
 from . import kafka as k
 from .config import SharedConfig
 from .http import create_app
-from .mongo import Index, apply_indexes, connect
+from .mongo import apply_indexes, connect
 from .schemas import Event
 from .topics import Topic
 
@@ -145,7 +145,11 @@ class ConsumeSpec:
 
 
 def consume(
-    *topics: Topic | str, group: str | None = None, batch: bool = False, from_beginning: bool = True, private: bool = False
+    *topics: Topic | str,
+    group: str | None = None,
+    batch: bool = False,
+    from_beginning: bool = True,
+    private: bool = False,
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Mark a method as the handler of these topics.
 
@@ -245,7 +249,7 @@ class Service:
         for dep in reversed(list(self._deps.values())):
             try:
                 dep.stop()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.warning("stopping %s failed", dep.attr, exc_info=True)
         if self._dead_letters is not None:
             self._dead_letters.close()

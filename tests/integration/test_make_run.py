@@ -1,0 +1,111 @@
+"""`make run` as a user runs it: it comes up, serves signup and login through
+Nginx, and on SIGTERM stops every process it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+from helper.infra import ROOT, free_port, port_open
+from helper.stack import SERVICES
+
+
+def _procs_with_env(marker: str) -> list[int]:
+    """PIDs of live processes whose environment contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if marker.encode() in env and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _two_free_ports() -> int:
+    while True:
+        p = free_port()
+        if p < 65000 and not port_open(p + 1):
+            return p
+
+
+def test_make_run_serves_and_stops_clean(tmp_path: Path, stack: object) -> None:
+    # `stack` is requested so the suite's own system is already up: this proves
+    # `make run` works next to it on other ports, as on a developer machine.
+    var = tmp_path / "var"
+    env = dict(os.environ)
+    env.update(
+        {
+            "VAR_DIR": str(var),
+            "PUBLIC_PORT": str(free_port()),
+            "EMBEDDED_KAFKA_PORT": str(free_port()),
+            "EMBEDDED_MONGO_PORT": str(free_port()),
+            "GATEWAY_PORT": str(_two_free_ports()),
+            "GATEWAY_INSTANCES": "2",
+            "KAFKA_BOOTSTRAP_SERVERS": "",
+            "MONGO_URL": "",
+            "GATEWAY_ALLOWED_ORIGINS": "*",
+        }
+    )
+    for s in SERVICES:
+        if s.name != "gateway":
+            env[f"{s.package.upper()}_PORT"] = str(free_port())
+    base = f"http://127.0.0.1:{env['PUBLIC_PORT']}"
+    make = subprocess.Popen(
+        ["make", "--no-print-directory", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        assert make.stdout is not None
+        while time.monotonic() < deadline:
+            line = make.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if "chat backend up" in line:
+                break
+        assert any(base in line for line in output), "".join(output)
+
+        r = requests.post(f"{base}/v1/auth/signup", json={"username": "makerun", "password": "password123"}, timeout=10)
+        assert r.status_code == 201, r.text
+        r = requests.post(
+            f"{base}/v1/auth/login",
+            json={"username": "makerun", "password": "password123", "device_type": "mobile"},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        token = r.json()["access_token"]
+        me = requests.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert me.json()["username"] == "makerun"
+        started = _procs_with_env(str(var))
+        assert len(started) >= 4  # make, helper, kafka, mongo, nginx, services...
+    finally:
+        os.killpg(make.pid, signal.SIGTERM)
+        try:
+            rest, _ = make.communicate(timeout=60)
+            output.append(rest)
+        except subprocess.TimeoutExpired:
+            os.killpg(make.pid, signal.SIGKILL)
+            raise
+    assert "stopped." in "".join(output), "".join(output)[-3000:]
+    time.sleep(0.5)
+    assert _procs_with_env(str(var)) == [], "processes left running after make run stopped"
+    assert not port_open(int(env["PUBLIC_PORT"]))
+    # Data lives under VAR_DIR and survives for the next start.
+    assert (var / "mongo").is_dir()
