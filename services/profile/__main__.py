@@ -1,0 +1,5 @@
+from chatlib.runner import run
+
+from services.profile.service import ProfileService
+
+run(ProfileService)

@@ -1,0 +1,185 @@
+"""Every MongoDB query of the profile service (the only module that uses pymongo).
+
+Collections:
+- ``users``: ``_id`` user id, ``username`` (unique), ``name``, ``password_hash``
+  (Argon2id), ``admin``, ``state`` (active|disabled|deleting|deleted),
+  ``primary_device``, timestamps; deleted users keep ``username_free_at``.
+- ``devices``: ``_id`` device id, ``user_id``, ``device_type``, ``primary``,
+  ``admin`` (denormalised from the user so the token check is one lookup),
+  ``state`` (active|logged_out|removed), ``sid`` (current login session, i.e.
+  token family), ``push_token``.
+- ``refresh_tokens``: ``_id`` sha256 of the token, ``user_id``, ``device_id``,
+  ``sid``, ``expires_ts``, ``used_ts``.
+- ``audit``: server-administrator actions (``actor``, ``action``, ``target``, ``ts``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from chatlib.mongo import Index
+from pymongo import ReturnDocument
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from .logic import DELETED, DEVICE_ACTIVE, DEVICE_LOGGED_OUT, DEVICE_REMOVED, VISIBLE_STATES, tombstone
+
+logger = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+
+
+class UsernameTaken(Exception):
+    """The unique index on ``users.username`` refused a write."""
+
+
+class ProfileStore:
+    """Users, devices, refresh tokens and the audit log."""
+
+    INDEXES = [
+        Index("users", [("username", 1)], unique=True),
+        Index("users", [("state", 1)]),
+        Index("devices", [("user_id", 1)]),
+        Index("refresh_tokens", [("expires_ts", 1)]),
+        Index("audit", [("target", 1)]),
+    ]
+
+    def __init__(self, db: Database[Doc]):
+        self.users = db["users"]
+        self.devices = db["devices"]
+        self.refresh = db["refresh_tokens"]
+        self.audit = db["audit"]
+
+    # -- users -------------------------------------------------------------
+
+    def insert_user(self, doc: Doc) -> None:
+        try:
+            self.users.insert_one(doc)
+        except DuplicateKeyError:
+            raise UsernameTaken(doc.get("username")) from None
+
+    def get_user(self, user_id: str) -> Doc | None:
+        return self.users.find_one({"_id": user_id})
+
+    def get_user_by_username(self, username: str) -> Doc | None:
+        return self.users.find_one({"username": username})
+
+    def get_visible_users(self, usernames: list[str]) -> list[Doc]:
+        """Existing (not deleted) users among ``usernames``: one ``$in`` query on the unique index."""
+        if not usernames:
+            return []
+        cursor = self.users.find(
+            {"username": {"$in": usernames}, "state": {"$in": list(VISIBLE_STATES)}},
+            {"username": 1, "name": 1},
+        )
+        return list(cursor)
+
+    def set_user(
+        self, user_id: str, fields: Doc, unset: Iterable[str] = (), states: Iterable[str] | None = None
+    ) -> bool:
+        """Update a user (only while in one of ``states`` when given); True if it matched.
+
+        Raises UsernameTaken when ``fields`` renames the user to a taken name.
+        """
+        query: Doc = {"_id": user_id}
+        if states is not None:
+            query["state"] = {"$in": list(states)}
+        update: Doc = {"$set": fields}
+        names = list(unset)
+        if names:
+            update["$unset"] = dict.fromkeys(names, "")
+        try:
+            return self.users.update_one(query, update).matched_count == 1
+        except DuplicateKeyError:
+            raise UsernameTaken(fields.get("username")) from None
+
+    def set_username_released(self, username: str, now: int) -> bool:
+        """Give up ``username`` if a deleted account holds it and its grace period is over."""
+        holder = self.users.find_one(
+            {"username": username, "state": DELETED, "username_free_at": {"$lte": now}}, {"_id": 1}
+        )
+        if holder is None:
+            return False
+        result = self.users.update_one(
+            {"_id": holder["_id"], "username": username, "state": DELETED},
+            {"$set": {"username": tombstone(holder["_id"]), "former_username": username}},
+        )
+        return result.modified_count == 1
+
+    def set_primary_claimed(self, user_id: str, device_id: str) -> bool:
+        """Atomically make ``device_id`` the user's primary device if the user has none."""
+        result = self.users.update_one(
+            {"_id": user_id, "primary_device": None}, {"$set": {"primary_device": device_id}}
+        )
+        return result.matched_count == 1
+
+    def delete_primary(self, user_id: str, device_id: str) -> None:
+        """Forget the user's primary device if it is ``device_id``."""
+        self.users.update_one({"_id": user_id, "primary_device": device_id}, {"$unset": {"primary_device": ""}})
+
+    def get_users_stuck_in(self, state: str, field: str, before: int) -> list[Doc]:
+        """Users in ``state`` whose ``field`` timestamp is older than ``before`` (deletion sweep)."""
+        return list(self.users.find({"state": state, field: {"$lt": before}}, {"_id": 1}))
+
+    # -- devices -----------------------------------------------------------
+
+    def insert_device(self, doc: Doc) -> None:
+        self.devices.insert_one(doc)
+
+    def get_device(self, device_id: str) -> Doc | None:
+        return self.devices.find_one({"_id": device_id})
+
+    def get_devices(self, user_id: str) -> list[Doc]:
+        """The user's devices that were not removed."""
+        return list(self.devices.find({"user_id": user_id, "state": {"$in": [DEVICE_ACTIVE, DEVICE_LOGGED_OUT]}}))
+
+    def set_device(self, device_id: str, fields: Doc, unset: Iterable[str] = (), expect: Doc | None = None) -> bool:
+        """Update one device (only if it also matches ``expect``); True if it matched."""
+        query: Doc = {"_id": device_id, **(expect or {})}
+        update: Doc = {"$set": fields}
+        names = list(unset)
+        if names:
+            update["$unset"] = dict.fromkeys(names, "")
+        return self.devices.update_one(query, update).matched_count == 1
+
+    def set_devices_logged_out(self, user_id: str) -> list[str]:
+        """Log out every device of a user that is not removed; return their ids."""
+        ids = [
+            d["_id"]
+            for d in self.devices.find(
+                {"user_id": user_id, "state": {"$in": [DEVICE_ACTIVE, DEVICE_LOGGED_OUT]}}, {"_id": 1}
+            )
+        ]
+        if ids:
+            self.devices.update_many(
+                {"_id": {"$in": ids}, "state": {"$ne": DEVICE_REMOVED}},
+                {"$set": {"state": DEVICE_LOGGED_OUT}, "$unset": {"sid": "", "push_token": ""}},
+            )
+        return ids
+
+    # -- refresh tokens ----------------------------------------------------
+
+    def insert_refresh(self, doc: Doc) -> None:
+        self.refresh.insert_one(doc)
+
+    def get_refresh(self, token_hash: str) -> Doc | None:
+        return self.refresh.find_one({"_id": token_hash})
+
+    def set_refresh_used(self, token_hash: str, now: int) -> bool:
+        """Mark a refresh token used; False if it already was (a concurrent use won the race)."""
+        doc = self.refresh.find_one_and_update(
+            {"_id": token_hash, "used_ts": None},
+            {"$set": {"used_ts": now}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return doc is not None
+
+    def delete_expired_refresh(self, now: int) -> int:
+        return self.refresh.delete_many({"expires_ts": {"$lt": now}}).deleted_count
+
+    # -- audit -------------------------------------------------------------
+
+    def insert_audit(self, doc: Doc) -> None:
+        self.audit.insert_one(doc)
