@@ -1,0 +1,5 @@
+from chatlib.runner import run
+
+from services.gateway.service import Gateway
+
+run(Gateway)

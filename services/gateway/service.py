@@ -1,0 +1,417 @@
+"""The gateway: WebSocket sockets in, Kafka events out; deliveries from Kafka to sockets.
+
+One instance per ``GATEWAY_INSTANCE_ID``. It reads its own delivery topic
+(Deliver, CloseDevice) and USER_EVENTS (logouts, disabled accounts) as a
+private reader from the end, stamps every client frame with the identity
+Nginx verified, and reports sockets to the session service (connect,
+disconnect, heartbeat). See the delivery protocol, points 1 to 4.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import uuid
+from typing import Any
+
+from chatlib import kafka as k
+from chatlib import metrics
+from chatlib.errors import ApiError
+from chatlib.schemas import (
+    PONG_FRAME,
+    ClientMessage,
+    ClientPing,
+    CloseDevice,
+    Deliver,
+    DeviceConnected,
+    DeviceDisconnected,
+    DeviceLoggedOut,
+    DeviceRemoved,
+    Event,
+    FrameError,
+    GatewayHeartbeat,
+    ReplayRequest,
+    UserDisabled,
+    UserSessions,
+    UserUnregistered,
+    error_frame,
+    now_ms,
+    parse_client_frame,
+)
+from chatlib.service import Producer, Service, ServiceConfig, View, consume
+from chatlib.topics import MESSAGES_IN, SESSION_CHANGES, SESSION_EVENTS, USER_EVENTS, Topic, gateway_topic
+from flask import Flask
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from . import http
+from .logic import PRIMARY_OFFLINE, Identity, SeqOutput, frame_to_event, parse_origins, primary_online
+from .sockets import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, Connection, DaemonThread, Hub, Transport, encode
+
+logger = logging.getLogger(__name__)
+
+#: Connections per heartbeat record: keeps each record far below Kafka's size limit.
+HEARTBEAT_CHUNK = 2000
+#: How often sequencers are checked for overdue replays.
+TICK_S = 0.5
+
+
+class GatewayConfig(ServiceConfig):
+    """GATEWAY_* settings (see .env.tmpl)."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    port: int = 8111
+    instance_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    allowed_origins: str = ""
+    rate_per_socket: float = 50.0
+    worker_connections: int = Field(20000, ge=1)
+    heartbeat_s: float = Field(5.0, gt=0)
+    ping_interval_s: float = Field(25.0, ge=0)
+    send_queue_max: int = Field(10000, ge=10)
+    graceful_timeout_s: int = Field(10, ge=1)
+
+
+def _user_key(ev: Event) -> str:
+    return str(getattr(ev, "user_id", ""))
+
+
+class Gateway(Service):
+    """WebSocket gateway instance."""
+
+    name = "gateway"
+    config_class = GatewayConfig
+    max_body_bytes = 64 * 1024
+
+    producer = Producer()
+    #: UserSessions by user: only kept when REQUIRE_PRIMARY_ONLINE is on.
+    sessions = View(SESSION_CHANGES, key=_user_key)
+
+    config: GatewayConfig
+
+    def __init__(self, config: GatewayConfig, **overrides: Any):
+        if not config.require_primary_online:
+            overrides.setdefault("sessions", None)
+        super().__init__(config, **overrides)
+        self.instance = config.instance_id
+        self.topic: Topic = gateway_topic(config.instance_id)
+        self.origins = parse_origins(config.allowed_origins)
+        self.hub = Hub()
+        self._stopping = threading.Event()
+        self._shutdown_started = False
+
+    # -- lifecycle --------------------------------------------------------
+
+    def on_setup(self) -> None:
+        """Make sure this instance's delivery topic exists."""
+        try:
+            k.ensure_topics(self.config.kafka_bootstrap_servers, [self.topic])
+        except Exception as exc:  # noqa: BLE001 - any failure here means Kafka is not usable
+            raise k.InfrastructureUnavailable(f"cannot create {self.topic.name}: {exc}") from None
+
+    def on_start(self) -> None:
+        """Start the delivery reader (waiting until it is positioned), the ticker and the SIGTERM hook."""
+        ready = threading.Event()
+        worker = k.ConsumerWorker(
+            self.config,
+            name=f"{self.name}.deliveries",
+            topics=[self.topic.name],
+            group_id=None,
+            handler=self.on_delivery,
+            from_beginning=False,
+        )
+        # Positioned at the end only after its first poll: sockets are accepted after that,
+        # so no Deliver for a new socket can slip before the reader's start position.
+        worker.after_poll = lambda _consumer: ready.set()
+        worker.start()
+        self._workers.append(worker)
+        if not ready.wait(self.config.startup_timeout_s * 3):
+            raise k.InfrastructureUnavailable(f"delivery reader of {self.topic.name} did not start")
+        threading.Thread(target=self._ticker, name="gateway-ticker", daemon=True).start()
+        self._hook_sigterm()
+
+    def _hook_sigterm(self) -> None:
+        # gunicorn waits for open requests (our sockets) before it runs the stop hooks;
+        # close the sockets as soon as SIGTERM arrives so it does not wait in vain.
+        try:
+            previous = signal.getsignal(signal.SIGTERM)
+        except ValueError:
+            return
+
+        def on_term(sig: int, frame: Any) -> None:
+            threading.Thread(target=self.shutdown, name="gateway-shutdown", daemon=True).start()
+            if callable(previous):
+                previous(sig, frame)
+
+        try:
+            signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread (tests)
+            logger.debug("SIGTERM hook not installed")
+
+    def shutdown(self) -> None:
+        """Graceful stop: every socket gets a disconnect event and a 1001 close."""
+        if self._shutdown_started:
+            return
+        self._shutdown_started = True
+        conns = self.hub.all()
+        logger.info("closing %d sockets", len(conns))
+        for conn in conns:
+            self.forget_socket(conn)
+            conn.close(CLOSE_GOING_AWAY, "server shutting down")
+        try:
+            self.producer.flush(timeout=5)
+        except Exception:
+            logger.warning("flushing disconnect events failed", exc_info=True)
+        for conn in conns:
+            conn.wait_written(2)
+
+    def on_stop(self) -> None:
+        self._stopping.set()
+        self.shutdown()
+
+    def routes(self, app: Flask) -> None:
+        app.config["SOCK_SERVER_OPTIONS"] = {
+            # Frames up to this size are read and answered with payload_too_large;
+            # anything larger closes the socket (1009) before it is buffered.
+            "max_message_size": 1024 * 1024,
+            "ping_interval": self.config.ping_interval_s or None,
+            # Socket readers must not keep a stopping process alive waiting for clients.
+            "thread_class": DaemonThread,
+        }
+        app.register_blueprint(http.blueprint(self))
+
+    # -- sockets ------------------------------------------------------------
+
+    def open_socket(self, transport: Transport, who: Identity) -> Connection | None:
+        """Register a new socket and announce it; None if the device policy refuses it."""
+        conn = Connection(transport, who, uuid.uuid4().hex, self.config.rate_per_socket, self.config.send_queue_max)
+        if self._shutdown_started:
+            conn.close(CLOSE_TRY_AGAIN, "server shutting down", error_frame("unavailable", "server shutting down"))
+            conn.wait_written(5)
+            return None
+        if self.config.require_primary_online and not who.primary and not self._primary_online(who.user_id):
+            logger.info("refusing a secondary device socket: primary offline")
+            conn.close(CLOSE_POLICY, PRIMARY_OFFLINE, error_frame("forbidden", PRIMARY_OFFLINE))
+            conn.wait_written(5)
+            return None
+        # Registered before it is announced: the initial Deliver must find it.
+        self.hub.add(conn)
+        metrics.WS_CONNECTIONS.inc()
+        self._send(
+            SESSION_EVENTS,
+            DeviceConnected(
+                user_id=who.user_id,
+                device_id=who.device_id,
+                device_type=who.device_type,
+                primary=who.primary,
+                gateway=self.instance,
+                conn_id=conn.conn_id,
+                ts=conn.connected_at,
+            ),
+            who.user_id,
+        )
+        logger.debug("socket %s opened", conn.conn_id)
+        return conn
+
+    def forget_socket(self, conn: Connection) -> None:
+        """The socket is closed or closing: unregister it and report the disconnect (once)."""
+        if not self.hub.remove(conn):
+            return
+        metrics.WS_CONNECTIONS.dec()
+        self._send(
+            SESSION_EVENTS,
+            DeviceDisconnected(
+                user_id=conn.who.user_id,
+                device_id=conn.who.device_id,
+                gateway=self.instance,
+                conn_id=conn.conn_id,
+                ts=now_ms(),
+            ),
+            conn.who.user_id,
+        )
+        logger.debug("socket %s closed", conn.conn_id)
+
+    def on_frame(self, conn: Connection, data: str | bytes) -> None:
+        """One client frame: rate limit, validate, answer or produce (never log its body)."""
+        if not conn.bucket.take(time.monotonic()):
+            metrics.WS_FRAMES.labels("in", "rate_limited").inc()
+            conn.send_frame(error_frame("rate_limited", "too many frames, slow down"))
+            return
+        try:
+            frame = parse_client_frame(data)
+        except FrameError as exc:
+            metrics.WS_FRAMES.labels("in", "invalid").inc()
+            conn.send_frame(error_frame(exc.code, exc.message, exc.ref))
+            return
+        kind = str(getattr(frame, "type", "?"))
+        metrics.WS_FRAMES.labels("in", kind).inc()
+        if isinstance(frame, ClientPing):
+            conn.send_frame(PONG_FRAME)
+            return
+        ref = frame.id if isinstance(frame, ClientMessage) else None
+        try:
+            topic, key, ev = frame_to_event(frame, conn.who, self.instance, now_ms())
+        except ApiError as exc:
+            conn.send_frame(exc.to_frame(ref))
+            return
+        self._send(topic, ev, key, conn=conn, ref=ref)
+
+    def _send(self, topic: Topic, ev: Event, key: str, conn: Connection | None = None, ref: str | None = None) -> None:
+        """Produce without waiting (linger 0); a failure tells the socket, if there is one."""
+
+        def failed(exc: BaseException) -> None:
+            logger.warning("producing %s to %s failed: %s", ev.TYPE, topic.name, exc.__class__.__name__)
+            if conn is not None:
+                conn.send_frame(error_frame("unavailable", "could not accept the frame, try again", ref))
+
+        try:
+            future = self.producer.send(topic, ev, key)
+        except Exception as exc:  # noqa: BLE001 - broker away or buffer full
+            failed(exc)
+            return
+        if future is not None and hasattr(future, "add_errback"):
+            future.add_errback(failed)
+
+    # -- deliveries ---------------------------------------------------------
+
+    def on_delivery(self, ev: Event) -> None:
+        """Handler of this instance's delivery topic: Deliver and CloseDevice."""
+        if isinstance(ev, Deliver):
+            self.deliver(ev)
+        elif isinstance(ev, CloseDevice):
+            self.close_device(ev.user_id, ev.device_id, ev.code, ev.reason)
+
+    def deliver(self, ev: Deliver) -> None:
+        """Write a Deliver's frames to the target devices' sockets, through each socket's sequencer."""
+        now = time.monotonic()
+        texts: dict[int, str] = {}
+        targets = dict.fromkeys((t.user_id, t.device_id) for t in ev.targets)
+        for user_id, device_id in targets:
+            for conn in self.hub.device(user_id, device_id):
+                if ev.conn_id is not None and conn.conn_id != ev.conn_id:
+                    continue
+                out = conn.sequencer.deliver(ev.frames, ev.sync, ev.initial, now)
+                self._apply(conn, out, texts)
+
+    def _apply(self, conn: Connection, out: SeqOutput, texts: dict[int, str]) -> None:
+        for frame in out.frames:
+            # One Deliver's frames are encoded once, whatever the number of sockets.
+            text = texts.get(id(frame))
+            if text is None:
+                text = texts[id(frame)] = encode(frame)
+            conn.send_text(text, str(frame.get("type", "?")))
+        for ask in out.asks:
+            self._send(
+                MESSAGES_IN,
+                ReplayRequest(
+                    conversation=ask.conversation,
+                    user_id=conn.who.user_id,
+                    device_id=conn.who.device_id,
+                    gateway=self.instance,
+                    conn_id=conn.conn_id,
+                    after_seq=ask.after_seq,
+                    up_to_seq=ask.up_to_seq,
+                ),
+                ask.conversation,
+            )
+        if out.resync:
+            # The initial sync never came (persistence was away?): announce the socket again.
+            logger.info("socket %s: initial sync overdue, announcing it again", conn.conn_id)
+            who = conn.who
+            self._send(
+                SESSION_EVENTS,
+                DeviceConnected(
+                    user_id=who.user_id,
+                    device_id=who.device_id,
+                    device_type=who.device_type,
+                    primary=who.primary,
+                    gateway=self.instance,
+                    conn_id=conn.conn_id,
+                    ts=conn.connected_at,
+                ),
+                who.user_id,
+            )
+        if out.overflow:
+            logger.warning("socket %s: too many frames held back, closing it", conn.conn_id)
+            conn.close(CLOSE_TRY_AGAIN, "reconnect", error_frame("unavailable", "too many pending frames, reconnect"))
+
+    def close_device(self, user_id: str, device_id: str, code: str, reason: str) -> None:
+        """Close every socket of one device, with an error frame first."""
+        for conn in self.hub.device(user_id, device_id):
+            conn.close(CLOSE_POLICY, reason, error_frame(code, reason))
+
+    def close_user(self, user_id: str, code: str, reason: str) -> None:
+        """Close every socket of one user, with an error frame first."""
+        for conn in self.hub.user(user_id):
+            conn.close(CLOSE_POLICY, reason, error_frame(code, reason))
+
+    @consume(USER_EVENTS, private=True, from_beginning=False)
+    def on_user_event(self, ev: Event) -> None:
+        """Logouts, removed devices, disabled and deleted accounts close sockets here."""
+        if isinstance(ev, DeviceLoggedOut):
+            self.close_device(ev.user_id, ev.device_id, "unauthorized", "logged out")
+        elif isinstance(ev, DeviceRemoved):
+            self.close_device(ev.user_id, ev.device_id, "unauthorized", "device removed")
+        elif isinstance(ev, UserDisabled):
+            self.close_user(ev.user_id, "unauthorized", "account disabled")
+        elif isinstance(ev, UserUnregistered):
+            self.close_user(ev.user_id, "unauthorized", "account deleted")
+
+    # -- device policy --------------------------------------------------------
+
+    def _primary_online(self, user_id: str) -> bool:
+        local = any(c.who.primary for c in self.hub.user(user_id))
+        view = self.sessions
+        current = view.get(user_id) if view is not None else None
+        return primary_online(current if isinstance(current, UserSessions) else None, local)
+
+    def on_sessions_update(self, ev: Event) -> None:
+        """REQUIRE_PRIMARY_ONLINE: a user's primary went offline -> close their secondary sockets."""
+        if not self.config.require_primary_online or not isinstance(ev, UserSessions):
+            return
+        conns = self.hub.user(ev.user_id)
+        if not conns or all(c.who.primary for c in conns):
+            return
+        if primary_online(ev, any(c.who.primary for c in conns)):
+            return
+        for conn in conns:
+            if not conn.who.primary:
+                logger.info("closing a secondary device socket: primary offline")
+                conn.close(CLOSE_POLICY, PRIMARY_OFFLINE, error_frame("forbidden", PRIMARY_OFFLINE))
+
+    # -- periodic work ----------------------------------------------------------
+
+    def heartbeats(self, ts: int) -> list[GatewayHeartbeat]:
+        """This instance's heartbeat, split in chunks of HEARTBEAT_CHUNK connections."""
+        entries = self.hub.heartbeat_entries()
+        parts = [entries[i : i + HEARTBEAT_CHUNK] for i in range(0, len(entries), HEARTBEAT_CHUNK)] or [[]]
+        return [
+            GatewayHeartbeat(gateway=self.instance, connections=part, ts=ts, chunk=i, chunks=len(parts))
+            for i, part in enumerate(parts)
+        ]
+
+    def tick(self, now: float) -> None:
+        """Re-ask overdue replays, re-announce sockets whose initial sync is overdue."""
+        for conn in self.hub.all():
+            seq = conn.sequencer
+            if seq.ready and not seq.asked:
+                continue
+            out = seq.tick(now)
+            if out.asks or out.resync:
+                self._apply(conn, out, {})
+
+    def _ticker(self) -> None:
+        next_beat = 0.0
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            try:
+                if now >= next_beat:
+                    next_beat = now + self.config.heartbeat_s
+                    for beat in self.heartbeats(now_ms()):
+                        self._send(SESSION_EVENTS, beat, self.instance)
+                self.tick(now)
+            except Exception:
+                logger.exception("gateway ticker failed")
+            self._stopping.wait(TICK_S)

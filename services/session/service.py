@@ -1,0 +1,184 @@
+"""The session service: which device is connected to which gateway, and presence.
+
+It consumes SESSION_EVENTS (DeviceConnected, DeviceDisconnected,
+GatewayHeartbeat) in its own group, one database round trip per step of a
+poll, and after every change publishes the user's UserSessions on the
+compacted SESSION_CHANGES (keyed by user_id) and, when the user-level online
+state flips, PresenceChanged on PRESENCE. A background loop marks the
+connections of silent gateways offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from chatlib.schemas import Event, now_ms
+from chatlib.service import Producer, Service, ServiceConfig, Storage, consume
+from chatlib.topics import PRESENCE, SESSION_CHANGES, SESSION_EVENTS
+from flask import Flask
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from . import http, logic
+from .logic import HeartbeatAssembler
+from .storage import SessionStore
+
+logger = logging.getLogger(__name__)
+
+
+class SessionConfig(ServiceConfig):
+    """SESSION_* settings (see .env.tmpl)."""
+
+    model_config = SettingsConfigDict(env_prefix="SESSION_", extra="ignore")
+
+    port: int = 8104
+    # A gateway silent this long has its connections marked offline.
+    gateway_expiry_s: float = Field(15.0, gt=0)
+    # How often silent gateways are looked for.
+    expiry_check_s: float = Field(1.0, gt=0)
+    # Connections of a gateway expired this long ago (and silent since) are forgotten.
+    tombstone_retention_s: float = Field(3600.0, gt=0)
+
+
+class Session(Service):
+    """Device sessions and presence."""
+
+    name = "session"
+    config_class = SessionConfig
+
+    store = Storage(SessionStore)
+    producer = Producer()
+
+    config: SessionConfig
+
+    def __init__(self, config: SessionConfig, **overrides: Any):
+        super().__init__(config, **overrides)
+        # The consumer and the expiry loop both recompute users: one at a time.
+        self._lock = threading.Lock()
+        self._assembler = HeartbeatAssembler()
+        self._stopping = threading.Event()
+        self.started_at = now_ms()
+
+    # -- lifecycle --------------------------------------------------------
+
+    def on_start(self) -> None:
+        self.started_at = now_ms()
+        threading.Thread(target=self._expiry_loop, name="session-expiry", daemon=True).start()
+
+    def on_stop(self) -> None:
+        self._stopping.set()
+
+    def routes(self, app: Flask) -> None:
+        app.register_blueprint(http.blueprint(self))
+
+    # -- Kafka ------------------------------------------------------------
+
+    @consume(SESSION_EVENTS, group="session", batch=True)
+    def on_session_events(self, events: list[Event]) -> None:
+        """Connects, disconnects and heartbeats of one partition from one poll, applied together."""
+        with self._lock:
+            now = now_ms()
+            plan = logic.plan_events(events, self._assembler)
+            self.store.touch_gateways(plan.gateways, now)
+            self.store.apply_connection_ops(plan.ops)
+            users = set(plan.users)
+            for gateway, (hb_ts, held) in plan.heartbeats.items():
+                existing = self.store.get_connections_of_gateway(gateway)
+                remove, restore = logic.reconcile(hb_ts, held, existing)
+                if remove:
+                    logger.info("gateway %s no longer holds %d connections: removed", gateway, len(remove))
+                    self.store.delete_connections([c.conn_id for c in remove])
+                if restore:
+                    logger.info("gateway %s still holds %d expired connections: back online", gateway, len(restore))
+                    self.store.set_connections_live([c.conn_id for c in restore], True)
+                users.update(c.user_id for c in remove + restore)
+            self._publish_users(users, now, plan.touched)
+
+    # -- expiry -----------------------------------------------------------
+
+    def expire_gateways(self, now: int) -> list[str]:
+        """Mark the connections of silent gateways offline and publish; returns the gateways expired."""
+        with self._lock:
+            gateways = self.store.get_gateways()
+            stale = logic.gateways_to_expire(gateways, now, int(self.config.gateway_expiry_s * 1000), self.started_at)
+            expired: list[str] = []
+            for gw in stale:
+                conns = self.store.get_connections_of_gateway(gw.gateway, live_only=True)
+                logger.warning(
+                    "gateway %s silent since %d: %d connections marked offline",
+                    gw.gateway,
+                    gw.last_heartbeat,
+                    len(conns),
+                )
+                self.store.set_connections_live([c.conn_id for c in conns], False)
+                self.store.set_gateway_expired(gw.gateway)
+                # They were last seen when their gateway was last heard from.
+                self._publish_users({c.user_id for c in conns}, max(gw.last_heartbeat, 0) or now, {})
+                expired.append(gw.gateway)
+            retention = int(self.config.tombstone_retention_s * 1000)
+            gone = [g.gateway for g in gateways if g.expired and now - g.last_heartbeat > retention]
+            self.store.delete_tombstones(gone)
+            return expired
+
+    def _expiry_loop(self) -> None:
+        while not self._stopping.wait(self.config.expiry_check_s):
+            try:
+                self.expire_gateways(now_ms())
+            except Exception:
+                logger.warning("gateway expiry check failed", exc_info=True)
+
+    # -- publishing -------------------------------------------------------
+
+    def _publish_users(
+        self, users: Iterable[str], now: int, touched: Mapping[tuple[str, str], logic.Conn | None]
+    ) -> None:
+        """Recompute, store and publish the state of these users."""
+        user_ids = sorted(set(users))
+        if not user_ids:
+            return
+        conns: dict[str, list[logic.Conn]] = {}
+        for c in self.store.get_connections_of_users(user_ids):
+            conns.setdefault(c.user_id, []).append(c)
+        devices: dict[str, list[logic.DeviceState]] = {}
+        for d in self.store.get_devices_of_users(user_ids):
+            devices.setdefault(d.user_id, []).append(d)
+        previous = self.store.get_users(user_ids)
+        updates = [
+            logic.compute_user(u, conns.get(u, []), devices.get(u, []), previous.get(u), now, touched) for u in user_ids
+        ]
+        self.store.set_states([d for up in updates for d in up.devices], [up.user for up in updates])
+        for up in updates:
+            self.producer.send(SESSION_CHANGES, up.sessions, up.user.user_id)
+            if up.presence is not None:
+                self.producer.send(PRESENCE, up.presence, up.user.user_id)
+        # Committed offsets must not run ahead of what was published.
+        self.producer.flush()
+
+    # -- queries (internal HTTP) -----------------------------------------
+
+    def user_sessions(self, user_id: str) -> dict[str, Any]:
+        """A user's devices as stored (internal diagnostics and tests)."""
+        user = self.store.get_users([user_id]).get(user_id)
+        devices = self.store.get_devices_of_users([user_id])
+        return {
+            "user_id": user_id,
+            "online": user.online if user else False,
+            "last_seen": user.last_seen if user else 0,
+            "devices": [
+                {
+                    "device_id": d.device_id,
+                    "device_type": d.device_type,
+                    "primary": d.primary,
+                    "online": d.online,
+                    "gateway": d.gateway,
+                    "conn_id": d.conn_id,
+                    "connected_at": d.connected_at,
+                    "last_seen": d.last_seen,
+                    "connections": d.connections,
+                }
+                for d in sorted(devices, key=lambda d: d.device_id)
+            ],
+        }
