@@ -1,0 +1,5 @@
+from chatlib.runner import run
+
+from services.message_router.service import MessageRouter
+
+run(MessageRouter)

@@ -1,0 +1,5 @@
+from chatlib.runner import run
+
+from services.persistence.service import Persistence
+
+run(Persistence)

@@ -1,0 +1,79 @@
+"""kill -9 of persistence, and of the message-router, while a client sends: nothing acked is lost
+and nothing arrives twice at the recipient's client."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from helper.stack import Stack
+from tests.e2e.test_messaging import dm_id, online
+from tests.support import WsClient, new_user
+
+N = 30
+
+
+def send_through_restart(stack: Stack, key: str) -> None:
+    alice, bob = new_user(stack.base_url), new_user(stack.base_url)
+    a1, b1 = online(alice), online(bob)
+    conv = dm_id(alice, bob)
+    cids = [uuid.uuid4().hex for _ in range(N)]
+    acked: dict[str, int] = {}
+
+    def take_acks(ws: WsClient, timeout: float) -> None:
+        while True:
+            try:
+                ack = ws.expect("ack", timeout=timeout, where=lambda f: f["id"] in cids and f["id"] not in acked)
+            except AssertionError:
+                return
+            acked[ack["id"]] = ack["seq"]
+            timeout = 0.2
+
+    # the first third flows normally
+    for i, cid in enumerate(cids[:10]):
+        a1.send_message(to=bob.user_id, body=f"before {i}", cid=cid)
+    deadline = time.monotonic() + 60
+    while len(acked) < 10 and time.monotonic() < deadline:
+        take_acks(a1, 1)
+    assert len(acked) == 10
+
+    restarted = threading.Thread(target=stack.restart, args=(key,), kwargs={"kill": True})
+    restarted.start()
+    for i, cid in enumerate(cids[10:]):  # the rest while the service dies and comes back
+        a1.send_message(to=bob.user_id, body=f"during {i}", cid=cid)
+        take_acks(a1, 0.05)
+    restarted.join(timeout=180)
+    assert not restarted.is_alive(), f"{key} did not come back"
+
+    # as a client would: wait a little for acks, resend what is still unacked with the same id
+    for _ in range(20):
+        take_acks(a1, 3)
+        missing = [cid for cid in cids if cid not in acked]
+        if not missing:
+            break
+        for cid in missing:
+            a1.send_message(to=bob.user_id, body="resent", cid=cid)
+    assert set(acked) == set(cids), f"{N - len(acked)} messages never acked"
+    assert sorted(acked.values()) == list(range(1, N + 1))
+
+    received: dict[str, int] = {}
+    while len(received) < N:
+        m = b1.expect("message", timeout=60, conversation=conv)
+        assert m["id"] not in received, "a message arrived twice"
+        received[m["id"]] = m["seq"]
+    assert set(received.values()) == set(range(1, N + 1))
+    assert received == acked
+    assert b1.nothing("message", seconds=1.0, conversation=conv)
+
+
+@pytest.mark.slow
+def test_persistence_killed_while_messages_flow(stack: Stack) -> None:
+    send_through_restart(stack, "persistence")
+
+
+@pytest.mark.slow
+def test_message_router_killed_while_messages_flow(stack: Stack) -> None:
+    send_through_restart(stack, "message-router")
