@@ -1,0 +1,5 @@
+from chatlib.runner import run
+
+from services.group_router.service import GroupRouter
+
+run(GroupRouter)
