@@ -8,21 +8,15 @@ carries a frame (or a burst of frames) to every device it must reach.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
+from chatlib.routing import SessionsOf, Targets, online_device_ids, targets_for
 from chatlib.schemas import (
-    Deliver,
-    DeviceRef,
     GroupChanged,
     PushRequest,
     ReceiptStored,
     StoredMessage,
     TypingSignal,
-    UserSessions,
 )
 
 logger = logging.getLogger(__name__)
@@ -31,41 +25,12 @@ logger = logging.getLogger(__name__)
 SYSTEM_USER = "system"
 PREVIEW_CHARS = 100
 
-SessionsOf = Callable[[str], UserSessions | None]
-#: gateway instance -> device targets on it
-Targets = dict[str, list[DeviceRef]]
-
 
 def members_of(change: GroupChanged | None) -> set[str] | None:
     """Current member ids of a group from its latest GroupChanged; None if unknown or deleted."""
     if change is None or change.group.deleted:
         return None
     return change.group.member_ids()
-
-
-def targets_for(users: Iterable[str], sessions_of: SessionsOf, skip_device: tuple[str, str] | None = None) -> Targets:
-    """Online devices of ``users``, grouped per gateway (each device once per gateway)."""
-    out: Targets = {}
-    seen: set[tuple[str, str, str]] = set()
-    for user_id in users:
-        sessions = sessions_of(user_id)
-        if sessions is None:
-            continue
-        for dev in sessions.devices:
-            if skip_device == (user_id, dev.device_id):
-                continue
-            key = (dev.gateway, user_id, dev.device_id)
-            if key in seen:
-                continue
-            seen.add(key)
-            out.setdefault(dev.gateway, []).append(DeviceRef(user_id=user_id, device_id=dev.device_id))
-    return out
-
-
-def online_device_ids(sessions: UserSessions | None) -> list[str]:
-    if sessions is None:
-        return []
-    return sorted({d.device_id for d in sessions.devices})
 
 
 def route_message(msg: StoredMessage, members: set[str], sessions_of: SessionsOf) -> tuple[Targets, list[PushRequest]]:
@@ -78,7 +43,7 @@ def route_message(msg: StoredMessage, members: set[str], sessions_of: SessionsOf
     """
     recipients = sorted(members - {SYSTEM_USER})
     users = recipients if msg.sender in members else [*recipients, msg.sender]
-    targets = targets_for(users, sessions_of, skip_device=(msg.sender, msg.from_device))
+    targets = targets_for(users, sessions_of, skip=(msg.sender, msg.from_device))
     pushes = [
         PushRequest(
             user_id=user_id,
@@ -100,7 +65,7 @@ def route_receipt(receipt: ReceiptStored, members: set[str], sessions_of: Sessio
     """The other members' online devices and the reader's other devices."""
     if receipt.user_id not in members:
         return {}
-    return targets_for(sorted(members - {SYSTEM_USER}), sessions_of, skip_device=(receipt.user_id, receipt.device_id))
+    return targets_for(sorted(members - {SYSTEM_USER}), sessions_of, skip=(receipt.user_id, receipt.device_id))
 
 
 def route_typing(signal: TypingSignal, members: set[str], sessions_of: SessionsOf) -> Targets:
@@ -116,49 +81,3 @@ def route_group_event(change: GroupChanged, sessions_of: SessionsOf) -> Targets:
     if change.event in ("member_removed", "deleted"):
         users |= set(change.users)
     return targets_for(sorted(users - {SYSTEM_USER}), sessions_of)
-
-
-@dataclass
-class _Pending:
-    key: tuple[tuple[str, str], ...]
-    targets: list[DeviceRef]
-    frames: list[dict[str, Any]] = field(default_factory=list)
-    size: int = 0
-
-
-@dataclass
-class Outbox:
-    """Deliver records being assembled for one batch, per gateway instance.
-
-    A frame for the same target set as the last record of that gateway joins
-    it (a burst in one group becomes one record); otherwise a new record is
-    started, so every gateway's records keep the order frames were added in.
-    ``max_bytes`` bounds a record's frames well below Kafka's message limit.
-    """
-
-    max_bytes: int = 256 * 1024
-    _by_gateway: dict[str, list[_Pending]] = field(default_factory=dict)
-
-    def add(self, frame: dict[str, Any], targets: Targets) -> None:
-        size = len(json.dumps(frame, separators=(",", ":")))
-        for gateway, devices in targets.items():
-            if not devices:
-                continue
-            key = tuple(sorted((d.user_id, d.device_id) for d in devices))
-            records = self._by_gateway.setdefault(gateway, [])
-            last = records[-1] if records else None
-            if last is None or last.key != key or (last.frames and last.size + size > self.max_bytes):
-                last = _Pending(key, list(devices))
-                records.append(last)
-            last.frames.append(frame)
-            last.size += size
-
-    def delivers(self) -> list[tuple[str, Deliver]]:
-        return [
-            (gateway, Deliver(targets=p.targets, frames=p.frames))
-            for gateway, records in self._by_gateway.items()
-            for p in records
-        ]
-
-    def __len__(self) -> int:
-        return sum(len(r) for r in self._by_gateway.values())

@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any
 
+from chatlib.routing import Outbox
 from chatlib.schemas import (
     Event,
     GroupChanged,
@@ -80,7 +81,7 @@ class GroupRouter(Service):
         partition of one of them): stored messages and receipts from
         persistence, typing signals straight from the gateways.
         """
-        outbox = logic.Outbox(self.config.deliver_max_bytes)
+        outbox = Outbox(self.config.deliver_max_bytes)
         pushes: list[PushRequest] = []
         for ev in events:
             if isinstance(ev, MessageStored) and ev.message.conversation.startswith(GROUP_PREFIX):
@@ -108,7 +109,7 @@ class GroupRouter(Service):
     @consume(GROUP_CHANGES, group="group-router-events", batch=True, from_beginning=False)
     def on_group_changes(self, events: list[Event]) -> None:
         """Each group change as a group_event frame to its members (and to removed users)."""
-        outbox = logic.Outbox(self.config.deliver_max_bytes)
+        outbox = Outbox(self.config.deliver_max_bytes)
         for ev in events:
             if isinstance(ev, GroupChanged):
                 outbox.add(group_event_frame(ev), logic.route_group_event(ev, self._sessions_of))
@@ -130,7 +131,7 @@ class GroupRouter(Service):
             change = self.groups.get(group_id)
         return logic.members_of(change if isinstance(change, GroupChanged) else None)
 
-    def _emit(self, outbox: logic.Outbox, pushes: list[PushRequest]) -> None:
+    def _emit(self, outbox: Outbox, pushes: list[PushRequest]) -> None:
         """Send everything, then wait for the broker to confirm every record (raises on failure: retried)."""
         futures: list[Any] = []
         for gateway, deliver in outbox.delivers():

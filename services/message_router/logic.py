@@ -9,20 +9,15 @@ per gateway and target set, frames in the order they were added.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
+from chatlib.routing import SessionsOf, Targets, online_device_ids, targets_for
 from chatlib.schemas import (
-    Deliver,
-    DeviceRef,
     PresenceRoute,
     PushRequest,
     ReceiptStored,
     StoredMessage,
     TypingSignal,
-    UserSessions,
     parse_conversation,
     presence_frame,
     receipt_frame,
@@ -30,10 +25,6 @@ from chatlib.schemas import (
 )
 
 PREVIEW_CHARS = 100
-
-SessionsOf = Callable[[str], UserSessions | None]
-#: gateway instance -> the devices on it
-Targets = dict[str, list[DeviceRef]]
 
 
 def dm_parties(conversation: str) -> tuple[str, str] | None:
@@ -53,27 +44,6 @@ def peer(conversation: str, user_id: str) -> str | None:
     if pair is None or user_id not in pair:
         return None
     return pair[1] if pair[0] == user_id else pair[0]
-
-
-def targets_for(users: Iterable[str], sessions_of: SessionsOf, skip: tuple[str, str] | None = None) -> Targets:
-    """Online devices of ``users`` per gateway (each device once), except the ``skip`` device."""
-    out: Targets = {}
-    seen: set[tuple[str, str, str]] = set()
-    for user_id in users:
-        sessions = sessions_of(user_id)
-        if sessions is None:
-            continue
-        for dev in sessions.devices:
-            key = (dev.gateway, user_id, dev.device_id)
-            if skip == (user_id, dev.device_id) or key in seen:
-                continue
-            seen.add(key)
-            out.setdefault(dev.gateway, []).append(DeviceRef(user_id=user_id, device_id=dev.device_id))
-    return out
-
-
-def online_device_ids(sessions: UserSessions | None) -> list[str]:
-    return sorted({d.device_id for d in sessions.devices}) if sessions is not None else []
 
 
 def route_message(msg: StoredMessage, sessions_of: SessionsOf) -> tuple[Targets, list[PushRequest]]:
@@ -130,47 +100,3 @@ def typing_frame_of(signal: TypingSignal) -> dict[str, Any]:
 
 def presence_frame_of(route: PresenceRoute) -> dict[str, Any]:
     return presence_frame(route.user_id, route.online, route.last_seen)
-
-
-@dataclass
-class _Record:
-    key: tuple[tuple[str, str], ...]
-    targets: list[DeviceRef]
-    frames: list[dict[str, Any]] = field(default_factory=list)
-    size: int = 0
-
-
-@dataclass
-class Outbox:
-    """The Deliver records of one batch, per gateway instance.
-
-    A frame for the same target set as the last record of its gateway joins
-    that record (a burst in one conversation becomes one record); otherwise
-    a new record starts, so each gateway's records keep the order frames were
-    added in. ``max_bytes`` keeps a record well below Kafka's message limit.
-    """
-
-    max_bytes: int = 256 * 1024
-    _records: dict[str, list[_Record]] = field(default_factory=dict)
-
-    def add(self, frame: dict[str, Any], targets: Targets) -> None:
-        size = len(json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode())
-        for gateway, devices in targets.items():
-            if not devices:
-                continue
-            key = tuple(sorted((d.user_id, d.device_id) for d in devices))
-            records = self._records.setdefault(gateway, [])
-            last = records[-1] if records else None
-            if last is None or last.key != key or last.size + size > self.max_bytes:
-                last = _Record(key, list(devices))
-                records.append(last)
-            last.frames.append(frame)
-            last.size += size
-
-    def delivers(self) -> list[tuple[str, Deliver]]:
-        """(gateway instance, Deliver) in the order each gateway must receive them."""
-        return [
-            (gateway, Deliver(targets=r.targets, frames=r.frames))
-            for gateway, records in self._records.items()
-            for r in records
-        ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 
 from chatlib import topics
+from chatlib.routing import Outbox
 from chatlib.schemas import (
     Event,
     MessageStored,
@@ -63,14 +64,14 @@ class MessageRouter(Service):
         ev = self.sessions.get(user_id)
         return ev if isinstance(ev, UserSessions) else None
 
-    def _send(self, outbox: logic.Outbox) -> None:
+    def _send(self, outbox: Outbox) -> None:
         for gateway, deliver in outbox.delivers():
             self.publisher.send(topics.gateway_topic(gateway), deliver, key=deliver.targets[0].user_id)
 
     @consume(topics.MESSAGES_STORED, group="message-router", batch=True)
     def on_stored(self, events: list[Event]) -> None:
         """Stored dm messages and receipts to online devices; push requests for the recipients."""
-        outbox = logic.Outbox(self.config.deliver_max_bytes)
+        outbox = Outbox(self.config.deliver_max_bytes)
         pushes: list[PushRequest] = []
         for ev in events:
             if isinstance(ev, MessageStored):
@@ -89,7 +90,7 @@ class MessageRouter(Service):
     @consume(topics.SIGNALS, group="message-router-signals", batch=True)
     def on_signals(self, events: list[Event]) -> None:
         """Typing in a dm to the other party's online devices (group typing is the group-router's)."""
-        outbox = logic.Outbox(self.config.deliver_max_bytes)
+        outbox = Outbox(self.config.deliver_max_bytes)
         for ev in events:
             if isinstance(ev, TypingSignal) and ev.conversation.startswith("dm:"):
                 outbox.add(logic.typing_frame_of(ev), logic.route_typing(ev, self.sessions_of))
@@ -99,7 +100,7 @@ class MessageRouter(Service):
     @consume(topics.ROUTE, group="message-router-route", batch=True)
     def on_route(self, events: list[Event]) -> None:
         """Presence of a user to the online devices of everyone persistence named."""
-        outbox = logic.Outbox(self.config.deliver_max_bytes)
+        outbox = Outbox(self.config.deliver_max_bytes)
         for ev in events:
             if isinstance(ev, PresenceRoute):
                 outbox.add(logic.presence_frame_of(ev), logic.route_presence(ev, self.sessions_of))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from chatlib.routing import Outbox
 from chatlib.schemas import (
     Deliver,
     DeviceRef,
@@ -21,7 +22,6 @@ from chatlib.schemas import (
     UserSessions,
 )
 
-from services.group_router import logic
 from services.group_router.service import GroupRouter, GroupRouterConfig
 from tests.unit.group.fakes import FakePublisher
 
@@ -124,7 +124,7 @@ def test_a_burst_in_one_group_is_one_record_per_gateway_in_order(router: GroupRo
 
 
 def test_different_target_sets_keep_per_gateway_order() -> None:
-    box = logic.Outbox()
+    box = Outbox()
     ab = {"gw1": [DeviceRef(user_id="a", device_id="1"), DeviceRef(user_id="b", device_id="2")]}
     a = {"gw1": [DeviceRef(user_id="a", device_id="1")]}
     box.add({"seq": 1}, ab)
@@ -134,7 +134,7 @@ def test_different_target_sets_keep_per_gateway_order() -> None:
 
 
 def test_outbox_splits_large_records() -> None:
-    box = logic.Outbox(max_bytes=2000)
+    box = Outbox(max_bytes=2000)
     t = {"gw1": [DeviceRef(user_id="a", device_id="1")]}
     for i in range(4):
         box.add({"seq": i, "body": "x" * 900}, t)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from chatlib.routing import Outbox
 from chatlib.schemas import (
     Deliver,
     MessageStored,
@@ -146,14 +147,14 @@ def test_presence_to_the_named_users_online_devices() -> None:
 def test_outbox_merges_a_burst_per_gateway_and_keeps_order() -> None:
     s = FakeSessions()
     s.online("bob", ("b-phone", "gw1"))
-    box = logic.Outbox()
+    box = Outbox()
     for i in range(1, 4):
         box.add(msg(i).frame(), logic.route_message(msg(i), s.get)[0])
     s.online("alice", ("a-web", "gw1"))
     box.add(msg(4).frame(), logic.route_message(msg(4), s.get)[0])  # a different target set: new record
     out = box.delivers()
     assert [[f["seq"] for f in d.frames] for _, d in out] == [[1, 2, 3], [4]]
-    small = logic.Outbox(max_bytes=300)
+    small = Outbox(max_bytes=300)
     for i in range(1, 4):
         small.add(msg(i).frame(), logic.route_message(msg(i), s.get)[0])
     assert len(small.delivers()) == 3
