@@ -135,16 +135,25 @@ async def reader(ws: ClientConnection, stats: Stats, sent_at: dict[str, int], re
             stats.errors.append(f)
 
 
-async def floor(ws_url: str, acc: Account, count: int) -> dict[str, float]:
-    """Ping/pong round trips through Nginx and a gateway: the floor of any frame."""
+async def floor(ws_url: str, acc: Account, count: int, per_s: float = 40) -> dict[str, float]:
+    """Ping/pong round trips through Nginx and a gateway: the floor of any frame.
+
+    Paced below the gateway's per-socket rate limit (GATEWAY_RATE_PER_SOCKET,
+    50 frames/s by default): a faster client gets ``rate_limited`` errors instead.
+    """
     ws = await open_socket(ws_url, acc.token)
     rtts = []
     for _ in range(count):
         t0 = time.monotonic_ns()
         await ws.send('{"type":"ping"}')
-        while json.loads(await ws.recv()).get("type") != "pong":
-            pass
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if frame.get("type") == "pong":
+                break
+            if frame.get("type") == "error":
+                raise RuntimeError(f"floor ping refused: {frame}")
         rtts.append((time.monotonic_ns() - t0) / 1e6)
+        await asyncio.sleep(max(0.0, 1 / per_s - (time.monotonic_ns() - t0) / 1e9))
     await ws.close()
     return summary(rtts[10:])
 
@@ -292,7 +301,7 @@ async def main_async(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     results: dict[str, Any] = {}
     print(f"signing up {args.users} users...", flush=True)
     accounts = make_accounts(base, args.users)
-    results["floor_ping_pong_ms"] = await floor(ws_url, accounts[0], 500)
+    results["floor_ping_pong_ms"] = await floor(ws_url, accounts[0], 400)
     print("floor:", results["floor_ping_pong_ms"], flush=True)
     for rate in args.rates:
         res = await one_to_one(ws_url, accounts, rate, args.seconds, receipts=not args.no_receipts)
@@ -313,7 +322,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="bench.run")
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--rates", type=float, nargs="+", default=[50.0, 200.0, 500.0])
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--group-members", type=int, default=1000)
     parser.add_argument("--group-messages", type=int, default=20)
     parser.add_argument("--no-receipts", action="store_true")

@@ -32,6 +32,11 @@ from chatlib.topics import MESSAGES_IN, SIGNALS, Topic
 
 #: Ask again for a replay that has not filled its gap after this long (protocol point 4).
 REPLAY_RETRY_S = 3.0
+#: The gateway waits this long before asking for a gap (GATEWAY_GAP_GRACE_MS). Most gaps
+#: close by themselves within a hop: a sender's own ack (one hop) often overtakes the
+#: peer's earlier message (two hops). Asking at once made every such overlap a replay,
+#: and under load the replays slowed persistence until everything overlapped.
+GAP_GRACE_S = 0.3
 #: A socket whose initial sync has not come after this long announces itself again.
 INITIAL_RETRY_S = 10.0
 MAX_INITIAL_RETRY_S = 60.0
@@ -92,6 +97,7 @@ class Sequencer:
         retry_after_s: float = REPLAY_RETRY_S,
         initial_retry_s: float = INITIAL_RETRY_S,
         max_buffered: int = MAX_BUFFERED,
+        gap_grace_s: float = 0.0,
     ):
         self.ready = False
         self.hw: dict[str, int] = {}
@@ -99,6 +105,9 @@ class Sequencer:
         #: conversation -> (up_to_seq asked for, when)
         self.asked: dict[str, tuple[int, float]] = {}
         self.retry_after_s = retry_after_s
+        self.gap_grace_s = gap_grace_s
+        #: conversation -> when its current gap was first seen (asked for after the grace)
+        self.gaps: dict[str, float] = {}
         self.initial_retry_s = initial_retry_s
         self.max_buffered = max_buffered
         self._announced_at = now
@@ -155,6 +164,9 @@ class Sequencer:
                 self._initial_wait = min(self._initial_wait * 2, MAX_INITIAL_RETRY_S)
                 out.resync = True
             return out
+        for conv, seen in list(self.gaps.items()):
+            if now - seen >= self.gap_grace_s:
+                self._settle(conv, now, out)
         for conv, (_, at) in list(self.asked.items()):
             if now - at >= self.retry_after_s:
                 buf = self.buffer.get(conv)
@@ -236,10 +248,17 @@ class Sequencer:
         if asked is not None and (buf is None or hw >= asked[0]):
             del self.asked[conv]
             asked = None
+        if not buf:
+            self.gaps.pop(conv, None)
         if buf and self.ready:
             top = max(buf) - 1
-            # Once per gap: ask only if this gap reaches beyond what is already asked for.
+            # Once per gap: ask only if this gap reaches beyond what is already asked for,
+            # and only once it has stayed open for the grace period.
             if asked is None or asked[0] < top:
+                first = self.gaps.setdefault(conv, now)
+                if now - first < self.gap_grace_s:
+                    return
+                self.gaps.pop(conv, None)
                 self.asked[conv] = (top, now)
                 out.asks.append(ReplayAsk(conv, hw, top))
 

@@ -67,6 +67,8 @@ class GatewayConfig(ServiceConfig):
     instance_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     allowed_origins: str = ""
     rate_per_socket: float = 50.0
+    # How long a gap in a conversation's seqs may stay open before a replay is asked for.
+    gap_grace_ms: int = Field(300, ge=0, le=10000)
     worker_connections: int = Field(20000, ge=1)
     heartbeat_s: float = Field(5.0, gt=0)
     ping_interval_s: float = Field(25.0, ge=0)
@@ -186,7 +188,14 @@ class Gateway(Service):
 
     def open_socket(self, transport: Transport, who: Identity) -> Connection | None:
         """Register a new socket and announce it; None if the device policy refuses it."""
-        conn = Connection(transport, who, uuid.uuid4().hex, self.config.rate_per_socket, self.config.send_queue_max)
+        conn = Connection(
+            transport,
+            who,
+            uuid.uuid4().hex,
+            self.config.rate_per_socket,
+            self.config.send_queue_max,
+            gap_grace_s=self.config.gap_grace_ms / 1000,
+        )
         if self._shutdown_started:
             conn.close(CLOSE_TRY_AGAIN, "server shutting down", error_frame("unavailable", "server shutting down"))
             conn.wait_written(5)
@@ -396,7 +405,7 @@ class Gateway(Service):
         """Re-ask overdue replays, re-announce sockets whose initial sync is overdue."""
         for conn in self.hub.all():
             seq = conn.sequencer
-            if seq.ready and not seq.asked:
+            if seq.ready and not seq.asked and not seq.gaps:
                 continue
             out = seq.tick(now)
             if out.asks or out.resync:

@@ -109,14 +109,16 @@ _STOP = object()
 class Connection:
     """One open socket: identity, its sequencer and rate limit, and its writer."""
 
-    def __init__(self, transport: Transport, who: Identity, conn_id: str, rate: float, queue_max: int):
+    def __init__(
+        self, transport: Transport, who: Identity, conn_id: str, rate: float, queue_max: int, gap_grace_s: float = 0.0
+    ):
         self.transport = transport
         self.who = who
         self.conn_id = conn_id
         self.key = (who.user_id, who.device_id)
         self.connected_at = now_ms()
         now = time.monotonic()
-        self.sequencer = Sequencer(now=now)
+        self.sequencer = Sequencer(now=now, gap_grace_s=gap_grace_s)
         self.bucket = TokenBucket(rate, now=now)
         self.queue_max = queue_max
         self.closing = False

@@ -236,3 +236,25 @@ def test_a_second_initial_sync_only_adds_what_is_missing() -> None:
     out = s.deliver([msg(1), msg(2), msg(3)], {C: 3}, initial=True, now=6.0)
     assert [f["seq"] for f in out.frames] == [3]
     assert s.hw[C] == 3
+
+
+def test_gap_is_asked_for_only_after_the_grace_period() -> None:
+    s = Sequencer(now=0.0, gap_grace_s=0.3)
+    s.deliver([], {C: 2}, initial=True, now=0.0)
+    # seq 4 overtook seq 3 (an own ack is one hop, a peer's message two): no ask yet.
+    out = s.deliver([ack(4)], now=1.0)
+    assert out.frames == [] and out.asks == []
+    assert s.tick(1.2).asks == []
+    # seq 3 arrives within the grace: both written in order, nothing asked, gap forgotten.
+    out = s.deliver([msg(3)], now=1.25)
+    assert seqs(out.frames) == [(C, 3), (C, 4)] and out.asks == []
+    assert s.gaps == {} and s.tick(5.0).asks == []
+
+
+def test_gap_still_open_after_the_grace_is_asked_for_by_tick() -> None:
+    s = Sequencer(now=0.0, gap_grace_s=0.3)
+    s.deliver([], {C: 2}, initial=True, now=0.0)
+    assert s.deliver([msg(5)], now=1.0).asks == []
+    assert s.tick(1.29).asks == []
+    assert s.tick(1.3).asks == [ReplayAsk(C, 2, 4)]
+    assert s.tick(1.4).asks == []  # asked once; re-asked only after REPLAY_RETRY_S

@@ -307,11 +307,13 @@ def test_initial_sync_releases_replay_and_buffered_live_frames() -> None:
     assert [f["seq"] for f in t.frames] == [1, 2, 3]
 
 
-def test_gap_produces_replay_request_for_that_socket() -> None:
+def test_gap_produces_replay_request_for_that_socket_after_the_grace() -> None:
     gw, pub = make()
     conn, t = open_(gw)
     initial(gw, conn, {"dm:alice:bob": 2})
     gw.deliver(Deliver(targets=[DeviceRef(user_id="alice", device_id="d1")], frames=[msg(5)]))
+    assert not any(isinstance(e, ReplayRequest) for _, _, e in pub.sent)  # within GATEWAY_GAP_GRACE_MS
+    gw.tick(time.monotonic() + 0.5)
     topic, key, ev = pub.sent[-1]
     assert topic == "chat.messages.in.v1" and key == "dm:alice:bob"
     assert isinstance(ev, ReplayRequest)
