@@ -265,3 +265,25 @@ def topic_events(
         raise AssertionError(f"records keyed {key} on {topic} never satisfied the condition: {kinds}")
     finally:
         consumer.close()
+
+
+def eventually(check: Callable[[], bool], timeout: float = 15, what: str = "condition") -> None:
+    """Wait until ``check()`` is true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def online(u: User, timeout: float = 15) -> WsClient:
+    """Connect a socket and wait until the system lists the device as online."""
+    ws = u.connect()
+
+    def seen() -> bool:
+        devices = u.api.get("/v1/me/devices").json().get("devices", [])
+        return any(d["device_id"] == u.device_id and d["online"] for d in devices)
+
+    eventually(seen, timeout=timeout, what=f"device {u.device_id} online")
+    return ws

@@ -208,19 +208,7 @@ class Gateway(Service):
         # Registered before it is announced: the initial Deliver must find it.
         self.hub.add(conn)
         metrics.WS_CONNECTIONS.inc()
-        self._send(
-            SESSION_EVENTS,
-            DeviceConnected(
-                user_id=who.user_id,
-                device_id=who.device_id,
-                device_type=who.device_type,
-                primary=who.primary,
-                gateway=self.instance,
-                conn_id=conn.conn_id,
-                ts=conn.connected_at,
-            ),
-            who.user_id,
-        )
+        self._announce(conn)
         logger.debug("socket %s opened", conn.conn_id)
         return conn
 
@@ -328,20 +316,7 @@ class Gateway(Service):
         if out.resync:
             # The initial sync never came (persistence was away?): announce the socket again.
             logger.info("socket %s: initial sync overdue, announcing it again", conn.conn_id)
-            who = conn.who
-            self._send(
-                SESSION_EVENTS,
-                DeviceConnected(
-                    user_id=who.user_id,
-                    device_id=who.device_id,
-                    device_type=who.device_type,
-                    primary=who.primary,
-                    gateway=self.instance,
-                    conn_id=conn.conn_id,
-                    ts=conn.connected_at,
-                ),
-                who.user_id,
-            )
+            self._announce(conn)
         if out.overflow:
             logger.warning("socket %s: too many frames held back, closing it", conn.conn_id)
             conn.close(CLOSE_TRY_AGAIN, "reconnect", error_frame("unavailable", "too many pending frames, reconnect"))
@@ -369,6 +344,23 @@ class Gateway(Service):
             self.close_user(ev.user_id, "unauthorized", "account deleted")
 
     # -- device policy --------------------------------------------------------
+
+    def _announce(self, conn: Connection) -> None:
+        """DeviceConnected for this socket: session marks it online, persistence replays to it."""
+        who = conn.who
+        self._send(
+            SESSION_EVENTS,
+            DeviceConnected(
+                user_id=who.user_id,
+                device_id=who.device_id,
+                device_type=who.device_type,
+                primary=who.primary,
+                gateway=self.instance,
+                conn_id=conn.conn_id,
+                ts=conn.connected_at,
+            ),
+            who.user_id,
+        )
 
     def _primary_online(self, user_id: str) -> bool:
         local = any(c.who.primary for c in self.hub.user(user_id))

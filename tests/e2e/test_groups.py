@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import requests
 
 from helper.stack import Stack
-from tests.support import Api, User, WsClient, new_user
+from tests.support import Api, User, eventually, new_user, online
 
 
 def ok(r: requests.Response, status: int = 200) -> Any:
@@ -23,27 +21,6 @@ def error(r: requests.Response, status: int, code: str) -> dict[str, Any]:
     err = r.json()["error"]
     assert err["code"] == code and isinstance(err["message"], str) and err["message"]
     return err  # type: ignore[no-any-return]
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
-
-
-def online(u: User) -> WsClient:
-    """Connect a socket and wait until the system sees the device online."""
-    ws = u.connect()
-
-    def seen() -> bool:
-        devices = u.api.get("/v1/me/devices").json().get("devices", [])
-        return any(d["device_id"] == u.device_id and d["online"] for d in devices)
-
-    eventually(seen, what=f"device {u.device_id} online")
-    return ws
 
 
 def create(owner: User, members: list[User], public: bool = False, name: str = "team") -> dict[str, Any]:
@@ -162,13 +139,13 @@ def test_unregistered_owner_passes_the_group_on(stack: Stack) -> None:
         g = b.api.get(f"/v1/groups/{gid}").json()
         return g.get("owner") == c.user_id and a.user_id not in roles(g)
 
-    eventually(passed_on, what="ownership passed to the admin")
+    eventually(passed_on, timeout=10, what="ownership passed to the admin")
     assert roles(ok(b.api.get(f"/v1/groups/{gid}")))[c.user_id] == "owner"
 
 
 def test_group_event_frames(stack: Stack) -> None:
     a, b, c = (new_user(stack.base_url) for _ in range(3))
-    wb, wc = online(b), online(c)
+    wb, wc = online(b, timeout=10), online(c, timeout=10)
     try:
         gid = create(a, [b])["group_id"]
         f = wb.expect("group_event", group_id=gid, event="created")
@@ -198,7 +175,7 @@ def test_group_event_frames(stack: Stack) -> None:
 def test_group_message_reaches_every_online_device(stack: Stack) -> None:
     a, b, c = (new_user(stack.base_url) for _ in range(3))
     a2, b2 = a.login_device("web"), b.login_device("web")
-    sockets = {name: online(u) for name, u in {"a1": a, "a2": a2, "b1": b, "b2": b2, "c1": c}.items()}
+    sockets = {name: online(u, timeout=10) for name, u in {"a1": a, "a2": a2, "b1": b, "b2": b2, "c1": c}.items()}
     try:
         gid = create(a, [b, c])["group_id"]
         for ws in sockets.values():
@@ -232,7 +209,7 @@ def test_non_member_cannot_read_history_or_post(stack: Stack) -> None:
     a, outsider = new_user(stack.base_url), new_user(stack.base_url)
     gid = create(a, [])["group_id"]
     error(outsider.api.get(f"/v1/conversations/group:{gid}/messages"), 403, "forbidden")
-    ws = online(outsider)
+    ws = online(outsider, timeout=10)
     try:
         cid = ws.send_message(group=gid, body="let me in")
         assert ws.expect("error", ref=cid)["code"] == "forbidden"

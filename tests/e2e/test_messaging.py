@@ -3,40 +3,17 @@ idempotent retries, receipts, typing, presence, offline delivery, removed device
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from helper.stack import Stack
-from tests.support import User, WsClient, new_user
+from tests.support import User, WsClient, new_user, online
 
 
 def dm_id(a: User, b: User) -> str:
     """The contract's 1-to-1 conversation id: the two user ids sorted."""
     x, y = sorted((a.user_id, b.user_id))
     return f"dm:{x}:{y}"
-
-
-def eventually(check: Callable[[], bool], timeout: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
-
-
-def online(u: User) -> WsClient:
-    """Connect a socket and wait until the system lists the device as online."""
-    ws = u.connect()
-
-    def seen() -> bool:
-        devices = u.api.get("/v1/me/devices").json().get("devices", [])
-        return any(d["device_id"] == u.device_id and d["online"] for d in devices)
-
-    eventually(seen, what=f"device {u.device_id} online")
-    return ws
 
 
 def send_acked(ws: WsClient, to: User, body: str = "hi", cid: str | None = None) -> dict[str, Any]:
