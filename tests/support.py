@@ -287,3 +287,21 @@ def online(u: User, timeout: float = 15) -> WsClient:
 
     eventually(seen, timeout=timeout, what=f"device {u.device_id} online")
     return ws
+
+
+def dm_id(a: User, b: User) -> str:
+    """The contract's 1-to-1 conversation id: the two user ids sorted."""
+    x, y = sorted((a.user_id, b.user_id))
+    return f"dm:{x}:{y}"
+
+
+def send_acked(ws: WsClient, to: User, body: str = "hi", cid: str | None = None) -> dict[str, Any]:
+    """Send one message and return its ack."""
+    cid = ws.send_message(to=to.user_id, body=body, cid=cid)
+    return ws.expect("ack", id=cid)
+
+
+def history(u: User, conversation: str, query: str = "") -> Any:
+    r = u.api.get(f"/v1/conversations/{conversation}/messages{query}")
+    assert r.status_code == 200, r.text
+    return r.json()

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from helper.stack import Stack
-from tests.e2e.test_messaging import dm_id, eventually, history, online, send_acked
-from tests.support import Api, User, new_user
+from tests.support import Api, User, dm_id, eventually, history, new_user, online, send_acked
 
 
 def conversations(u: User) -> list[dict[str, Any]]:

@@ -4,28 +4,9 @@ idempotent retries, receipts, typing, presence, offline delivery, removed device
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from helper.stack import Stack
-from tests.support import User, WsClient, new_user, online
-
-
-def dm_id(a: User, b: User) -> str:
-    """The contract's 1-to-1 conversation id: the two user ids sorted."""
-    x, y = sorted((a.user_id, b.user_id))
-    return f"dm:{x}:{y}"
-
-
-def send_acked(ws: WsClient, to: User, body: str = "hi", cid: str | None = None) -> dict[str, Any]:
-    """Send one message and return its ack."""
-    cid = ws.send_message(to=to.user_id, body=body, cid=cid)
-    return ws.expect("ack", id=cid)
-
-
-def history(u: User, conversation: str, query: str = "") -> Any:
-    r = u.api.get(f"/v1/conversations/{conversation}/messages{query}")
-    assert r.status_code == 200, r.text
-    return r.json()
+from tests.support import dm_id, history, new_user, online, send_acked
 
 
 def test_send_ack_and_every_device_of_recipient_and_sender_receives(stack: Stack) -> None:

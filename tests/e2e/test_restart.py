@@ -10,8 +10,7 @@ import uuid
 import pytest
 
 from helper.stack import Stack
-from tests.e2e.test_messaging import dm_id, online
-from tests.support import WsClient, new_user
+from tests.support import WsClient, dm_id, new_user, online
 
 N = 30
 
