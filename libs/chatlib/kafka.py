@@ -29,7 +29,7 @@ from pymongo.errors import ConnectionFailure
 
 from . import metrics
 from .config import SharedConfig
-from .schemas import DeadLetter, Envelope, Event, to_bytes
+from .schemas import DeadLetter, Envelope, Event, now_ms, to_bytes
 from .topics import ALL_TOPICS, DEAD_LETTERS, Topic, is_hot
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ class Publisher:
             max_in_flight_requests_per_connection=1 if not self._config.kafka_enable_idempotence else 5,
             retries=5,
             request_timeout_ms=10000,
+            # kafka-python's own sensors cost CPU on every request; /metrics has ours.
+            metrics_enabled=False,
         )
 
     @property
@@ -206,10 +208,10 @@ class ConsumerWorker:
     """One consumer (group member or, with ``group_id=None``, a private reader) in a thread.
 
     ``handler`` gets one event at a time; ``batch_handler`` gets every decoded
-    event of one partition from one poll (in offset order), which lets a
-    service turn a poll into one database round trip. Offsets are committed
-    per partition after the handler returned; a failure rewinds that
-    partition to the failed record.
+    event of one poll, across partitions (each partition's in offset order, so
+    order per key holds), which lets a service turn a poll into one database
+    round trip. Offsets are committed after the handler returned; a transient
+    failure (broker or database away) retries the same records with backoff.
     """
 
     def __init__(
@@ -219,7 +221,7 @@ class ConsumerWorker:
         topics: list[str],
         group_id: str | None,
         handler: Handler | None = None,
-        batch_handler: BatchHandler | None = None,
+        batch_handler: BatchHandler | dict[str, BatchHandler] | None = None,
         dead_letters: Publisher | None = None,
         from_beginning: bool = True,
         max_records: int = 500,
@@ -274,6 +276,7 @@ class ConsumerWorker:
             heartbeat_interval_ms=cfg.kafka_heartbeat_interval_ms,
             max_poll_interval_ms=cfg.kafka_max_poll_interval_ms,
             max_poll_records=self.max_records,
+            metrics_enabled=False,
         )
         if self.group_id is None:
             parts = []
@@ -304,8 +307,11 @@ class ConsumerWorker:
                 records = self._consumer.poll(timeout_ms=200)
                 if self.group_id is not None and self._consumer.assignment():
                     self.assigned.set()
-                for tp, msgs in records.items():
-                    self._process_partition(tp, msgs)
+                if self.batch_handler is None:
+                    for tp, msgs in records.items():
+                        self._process_partition(tp, msgs)
+                elif records:
+                    self._process_batch(records)
                 if self.after_poll is not None:
                     self.after_poll(self._consumer)
                 self.healthy = True
@@ -329,33 +335,44 @@ class ConsumerWorker:
 
     def _decode(self, msg: Any) -> Event | None:
         try:
-            return Envelope.from_bytes(msg.value).parse()
+            env = Envelope.from_bytes(msg.value)
+            metrics.EVENT_AGE_SECONDS.labels(self.name).observe(max(0, now_ms() - env.occurred_at) / 1000)
+            return env.parse()
         except Exception as exc:  # noqa: BLE001 - a record nobody can read is parked, not retried
             self._park(msg, f"undecodable: {exc.__class__.__name__}: {exc}")
             return None
 
+    def _process_batch(self, records: dict[TopicPartition, list[Any]]) -> None:
+        """Every partition of one poll in one handler call per topic (each partition's
+        records in offset order, so order per key holds), then one commit for all of
+        them: one database round trip and one offset commit per poll, not per partition."""
+        by_topic: dict[str, list[Any]] = {}
+        for part in records.values():
+            for m in part:
+                by_topic.setdefault(m.topic, []).append(m)
+        for topic, msgs in by_topic.items():
+            handler = self.batch_handler if callable(self.batch_handler) else (self.batch_handler or {})[topic]
+            events = [e for m in msgs if (e := self._decode(m)) is not None]
+            if events:
+                self._call(functools.partial(handler, events), msgs)
+        self._commit({tp: part[-1].offset + 1 for tp, part in records.items()})
+
     def _process_partition(self, tp: TopicPartition, msgs: list[Any]) -> None:
         assert self._consumer is not None
-        if self.batch_handler is not None:
-            events = [(m, e) for m in msgs if (e := self._decode(m)) is not None]
-            if events:
-                self._call(lambda: self.batch_handler([e for _, e in events]), tp, msgs[0], msgs)  # type: ignore[misc]
-            self._commit(tp, msgs[-1].offset + 1)
-            return
         handler = self.handler
         assert handler is not None
         for msg in msgs:
             ev = self._decode(msg)
             if ev is not None:
-                self._call(functools.partial(handler, ev), tp, msg, [msg])
+                self._call(functools.partial(handler, ev), [msg])
             if self._stop.is_set() and msg is not msgs[-1]:
                 # Stop between records: commit what is done, the rest is re-read later.
-                self._commit(tp, msg.offset + 1)
+                self._commit({tp: msg.offset + 1})
                 self._consumer.seek(tp, msg.offset + 1)
                 return
-        self._commit(tp, msgs[-1].offset + 1)
+        self._commit({tp: msgs[-1].offset + 1})
 
-    def _call(self, fn: Callable[[], None], tp: TopicPartition, first: Any, msgs: list[Any]) -> None:
+    def _call(self, fn: Callable[[], None], msgs: list[Any]) -> None:
         attempt = 0
         while True:
             start = time.perf_counter()
@@ -401,10 +418,10 @@ class ConsumerWorker:
             key=msg.topic,
         )
 
-    def _commit(self, tp: TopicPartition, offset: int) -> None:
+    def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         if self.group_id is None or self._consumer is None:
             return
-        self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1)})
+        self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
 
 
 class CompactedView:

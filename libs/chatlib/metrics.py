@@ -14,5 +14,11 @@ HANDLER_SECONDS = Histogram(
     ["consumer"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
 )
+EVENT_AGE_SECONDS = Histogram(
+    "kafka_event_age_seconds",
+    "Time from an event's production to its consumer reading it (queueing and fetch wait; ms resolution)",
+    ["consumer"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30),
+)
 WS_CONNECTIONS = Gauge("ws_connections", "Open WebSocket connections")
 WS_FRAMES = Counter("ws_frames_total", "WebSocket frames", ["direction", "type"])

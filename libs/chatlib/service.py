@@ -153,8 +153,10 @@ def consume(
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Mark a method as the handler of these topics.
 
-    The consumer group defaults to the service name. ``batch=True`` hands the
-    method a list (one partition's records from one poll). ``private=True``
+    The consumer group defaults to the service name; batch handlers declared
+    with the same group share one consumer (see ``Service._consumers``).
+    ``batch=True`` hands the method a list (the records of its topics from
+    one poll, in order per partition). ``private=True``
     reads without a group (every instance sees every record, from the end
     unless ``from_beginning``).
     """
@@ -215,20 +217,14 @@ class Service:
         for dep in self._deps.values():
             dep.start(self)
         self._dead_letters = k.Publisher(self.config, f"{self.name}-dlq")
-        for attr in dir(type(self)):
-            fn = getattr(type(self), attr, None)
-            spec: ConsumeSpec | None = getattr(fn, "_consume", None)
-            if spec is None:
-                continue
-            bound = getattr(self, attr)
-            names = [t.name if isinstance(t, Topic) else t for t in spec.topics]
+        for name, topics, group, spec, handlers in self._consumers():
             worker = k.ConsumerWorker(
                 self.config,
-                name=f"{self.name}.{attr}",
-                topics=names,
-                group_id=None if spec.private else (spec.group or self.name),
-                handler=None if spec.batch else bound,
-                batch_handler=bound if spec.batch else None,
+                name=name,
+                topics=topics,
+                group_id=group,
+                handler=None if spec.batch else handlers[topics[0]],
+                batch_handler=handlers if spec.batch else None,
                 dead_letters=self._dead_letters,
                 from_beginning=spec.from_beginning,
             )
@@ -236,6 +232,43 @@ class Service:
             self._workers.append(worker)
         self.on_start()
         logger.info("%s started", self.name)
+
+    def _consumers(
+        self,
+    ) -> list[tuple[str, list[str], str | None, ConsumeSpec, dict[str, Callable[..., None]]]]:
+        """One consumer per private handler, and one per consumer group.
+
+        Handlers declared with the same group share one Kafka consumer (one
+        fetch loop: each idle consumer costs CPU at every fetch wait); each
+        record goes to the handler of its topic.
+        """
+        out: list[tuple[str, list[str], str | None, ConsumeSpec, dict[str, Callable[..., None]]]] = []
+        shared: dict[str, tuple[list[str], ConsumeSpec, dict[str, Callable[..., None]]]] = {}
+        for attr in dir(type(self)):
+            spec: ConsumeSpec | None = getattr(getattr(type(self), attr, None), "_consume", None)
+            if spec is None:
+                continue
+            bound = getattr(self, attr)
+            names = [t.name if isinstance(t, Topic) else t for t in spec.topics]
+            if spec.private:
+                out.append((f"{self.name}.{attr}", names, None, spec, dict.fromkeys(names, bound)))
+                continue
+            group = spec.group or self.name
+            attrs, first, handlers = shared.setdefault(group, ([], spec, {}))
+            if (spec.batch, spec.from_beginning) != (first.batch, first.from_beginning) or (
+                not spec.batch and handlers
+            ):
+                raise TypeError(f"handlers of group {group} must all be batch handlers with the same from_beginning")
+            if set(names) & set(handlers):
+                raise TypeError(f"two handlers of group {group} for the same topic")
+            attrs.append(attr)
+            handlers.update(dict.fromkeys(names, bound))
+        for group, (attrs, spec, handlers) in shared.items():
+            label = (
+                attrs[0] if len(attrs) == 1 else "main" if group == self.name else group.removeprefix(f"{self.name}-")
+            )
+            out.append((f"{self.name}.{label}", list(handlers), group, spec, handlers))
+        return out
 
     def on_start(self) -> None:
         """Hook run after consumers started (background loops)."""

@@ -40,7 +40,7 @@ from chatlib.schemas import (
     now_ms,
     parse_client_frame,
 )
-from chatlib.service import Producer, Service, ServiceConfig, View, consume
+from chatlib.service import Producer, Service, ServiceConfig, View
 from chatlib.topics import MESSAGES_IN, SESSION_CHANGES, SESSION_EVENTS, USER_EVENTS, Topic, gateway_topic
 from flask import Flask
 from pydantic import Field
@@ -114,14 +114,18 @@ class Gateway(Service):
             raise k.InfrastructureUnavailable(f"cannot create {self.topic.name}: {exc}") from None
 
     def on_start(self) -> None:
-        """Start the delivery reader (waiting until it is positioned), the ticker and the SIGTERM hook."""
+        """Start the delivery reader (waiting until it is positioned), the ticker and the SIGTERM hook.
+
+        One private reader, from the end, of this instance's delivery topic and
+        of the user events that close sockets: one fetch loop rather than two.
+        """
         ready = threading.Event()
         worker = k.ConsumerWorker(
             self.config,
             name=f"{self.name}.deliveries",
-            topics=[self.topic.name],
+            topics=[self.topic.name, USER_EVENTS.name],
             group_id=None,
-            handler=self.on_delivery,
+            handler=self.on_event,
             from_beginning=False,
         )
         # Positioned at the end only after its first poll: sockets are accepted after that,
@@ -273,6 +277,13 @@ class Gateway(Service):
 
     # -- deliveries ---------------------------------------------------------
 
+    def on_event(self, ev: Event) -> None:
+        """Handler of the instance's reader: deliveries, and user events that close sockets."""
+        if isinstance(ev, (Deliver, CloseDevice)):
+            self.on_delivery(ev)
+        else:
+            self.on_user_event(ev)
+
     def on_delivery(self, ev: Event) -> None:
         """Handler of this instance's delivery topic: Deliver and CloseDevice."""
         if isinstance(ev, Deliver):
@@ -331,7 +342,6 @@ class Gateway(Service):
         for conn in self.hub.user(user_id):
             conn.close(CLOSE_POLICY, reason, error_frame(code, reason))
 
-    @consume(USER_EVENTS, private=True, from_beginning=False)
     def on_user_event(self, ev: Event) -> None:
         """Logouts, removed devices, disabled and deleted accounts close sockets here."""
         if isinstance(ev, DeviceLoggedOut):

@@ -87,7 +87,7 @@ class MessageRouter(Service):
             self.publisher.send(topics.PUSH_REQUESTS, req, key=req.user_id)
         self.publisher.flush()
 
-    @consume(topics.SIGNALS, group="message-router-signals", batch=True)
+    @consume(topics.SIGNALS, group="message-router", batch=True)
     def on_signals(self, events: list[Event]) -> None:
         """Typing in a dm to the other party's online devices (group typing is the group-router's)."""
         outbox = Outbox(self.config.deliver_max_bytes)
@@ -97,7 +97,7 @@ class MessageRouter(Service):
         self._send(outbox)
         self.publisher.flush()
 
-    @consume(topics.ROUTE, group="message-router-route", batch=True)
+    @consume(topics.ROUTE, group="message-router", batch=True)
     def on_route(self, events: list[Event]) -> None:
         """Presence of a user to the online devices of everyone persistence named."""
         outbox = Outbox(self.config.deliver_max_bytes)

@@ -212,28 +212,39 @@ class Persistence(Service):
 
     @consume(topics.MESSAGES_IN, group="persistence", batch=True)
     def on_inbound(self, events: list[Event]) -> None:
-        """One partition's poll: store its messages, apply its receipts, answer its replay requests.
+        """One poll: store its messages, apply its receipts, answer its replay requests.
 
-        MessageStored and ReceiptStored are flushed before any ack leaves, and
-        everything is flushed before the handler returns (the offset commit).
+        An ack is produced only after its message is in MongoDB and after its
+        MessageStored (same producer, so the broker gets them in that order),
+        and everything is flushed before the handler returns (the offset
+        commit). If this process dies before that flush, the offsets are not
+        committed: the successor re-reads the poll, finds the messages stored
+        and announces them again (see ``store_messages``), so nothing acked is
+        left unrouted.
         """
         out = _Outbox(self.config.deliver_max_bytes)
         messages = [e for e in events if isinstance(e, InboundMessage)]
         receipts = [e for e in events if isinstance(e, InboundReceipt)]
         replays = [e for e in events if isinstance(e, ReplayRequest)]
+        touched: set[str] = set()
         if messages:
-            self.store_messages(messages, out)
-        if receipts:
-            self.apply_receipts(receipts, out)
-        if messages or receipts:
+            touched = self.store_messages(messages, out)
+        try:
+            if receipts:
+                self.apply_receipts(receipts, out)
+            for req in replays:
+                self.answer_replay(req, out)
+            out.send(self.publisher)
             self.publisher.flush()
-        for req in replays:
-            self.answer_replay(req, out)
-        out.send(self.publisher)
-        self.publisher.flush()
+        except BaseException:
+            # Announce these conversations' messages again when the poll is retried.
+            self._verified -= touched
+            raise
 
-    def store_messages(self, events: list[InboundMessage], out: _Outbox) -> None:
-        """Authorise, deduplicate, number and store a batch of messages; produce MessageStored; queue acks."""
+    def store_messages(self, events: list[InboundMessage], out: _Outbox) -> set[str]:
+        """Authorise, deduplicate, number and store a batch of messages; produce MessageStored; queue acks.
+
+        Returns the conversations touched."""
         existing = self.store.get_messages_by_keys((e.sender, e.id) for e in events)
         fresh = [e for e in events if (e.sender, e.id) not in existing]
         deadline = time.monotonic() + self.config.catchup_wait_ms / 1000
@@ -289,6 +300,7 @@ class Persistence(Service):
             out.to_device(ev.gateway, ev.sender, ev.sender_device, logic.ack_for(m))
         if stored:
             logger.debug("stored %d messages in %d conversations", len(stored), len(counts))
+        return touched
 
     def _authorise(
         self, ev: InboundMessage, users: dict[str, KnownUser], deadline: float
@@ -441,7 +453,7 @@ class Persistence(Service):
 
     # -- session.events.v1 -----------------------------------------------------------
 
-    @consume(topics.SESSION_EVENTS, group="persistence-sessions", batch=True)
+    @consume(topics.SESSION_EVENTS, group="persistence-control", batch=True)
     def on_session_events(self, events: list[Event]) -> None:
         """Replay to every socket that connected (protocol 5); other session events are not ours."""
         out = _Outbox(self.config.deliver_max_bytes)
@@ -532,7 +544,7 @@ class Persistence(Service):
 
     # -- user.events.v1 ----------------------------------------------------------------
 
-    @consume(topics.USER_EVENTS, group="persistence-users", batch=True)
+    @consume(topics.USER_EVENTS, group="persistence-control", batch=True)
     def on_user_events(self, events: list[Event]) -> None:
         """Keep the users projection; a removed device or an unregistered user loses its queue."""
         for ev in events:
@@ -551,7 +563,7 @@ class Persistence(Service):
 
     # -- group.changes.v1 ------------------------------------------------------------------
 
-    @consume(topics.GROUP_CHANGES, group="persistence-groups", batch=True)
+    @consume(topics.GROUP_CHANGES, group="persistence-control", batch=True)
     def on_group_changes(self, events: list[Event]) -> None:
         """Open a member's readable range at joining, close it at removal (or group deletion)."""
         changes = [e for e in events if isinstance(e, GroupChanged)]
@@ -578,7 +590,7 @@ class Persistence(Service):
 
     # -- presence.v1 --------------------------------------------------------------------------
 
-    @consume(topics.PRESENCE, group="persistence-presence", batch=True)
+    @consume(topics.PRESENCE, group="persistence-control", batch=True)
     def on_presence(self, events: list[Event]) -> None:
         """Protocol 11: who shares a dm (or a small group) with the user hears of their presence."""
         changes = [e for e in events if isinstance(e, PresenceChanged)]

@@ -93,7 +93,7 @@ class PushNotification(Service):
 
     # -- Kafka ------------------------------------------------------------
 
-    @consume(USER_EVENTS, group="push-notification-devices", batch=True)
+    @consume(USER_EVENTS, group="push-notification", batch=True)
     def on_user_events(self, events: list[Event]) -> None:
         """Keep the projection of devices, push tokens and sender names."""
         self.store.set_user_events(events)

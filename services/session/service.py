@@ -78,7 +78,7 @@ class Session(Service):
 
     @consume(SESSION_EVENTS, group="session", batch=True)
     def on_session_events(self, events: list[Event]) -> None:
-        """Connects, disconnects and heartbeats of one partition from one poll, applied together."""
+        """Connects, disconnects and heartbeats of one poll, applied together."""
         with self._lock:
             now = now_ms()
             plan = logic.plan_events(events, self._assembler)

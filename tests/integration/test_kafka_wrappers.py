@@ -17,6 +17,7 @@ from chatlib.kafka import CompactedView, ConsumerWorker, Publisher, ensure_topic
 from chatlib.schemas import DeadLetter, Envelope, UserRegistered, UserSessions
 from chatlib.topics import DEAD_LETTERS, Topic
 from kafka import KafkaConsumer, TopicPartition
+from kafka.partitioner.default import murmur2
 from pymongo.errors import AutoReconnect
 
 from helper.stack import Stack
@@ -43,10 +44,10 @@ def wait_for(cond: Callable[[], bool], timeout: float = 20) -> None:
     raise AssertionError("condition not met in time")
 
 
-def committed(config: SharedConfig, group: str, topic: str) -> int | None:
+def committed(config: SharedConfig, group: str, topic: str, partition: int = 0) -> int | None:
     probe = KafkaConsumer(bootstrap_servers=config.kafka_bootstrap_servers, group_id=group, enable_auto_commit=False)
     try:
-        return probe.committed(TopicPartition(topic, 0))
+        return probe.committed(TopicPartition(topic, partition))
     finally:
         probe.close()
 
@@ -68,6 +69,44 @@ def test_consumed_then_committed_after_handler(config: SharedConfig, topic: Topi
         wait_for(lambda: len(seen) == 5)
         assert seen == [f"u{i}" for i in range(5)]
         wait_for(lambda: committed(config, group, topic.name) == 5)
+    finally:
+        worker.stop()
+        pub.close()
+
+
+def test_batch_handler_gets_a_poll_across_partitions_in_key_order_and_commits_each(
+    config: SharedConfig, stack: Stack
+) -> None:
+    topic = Topic(f"test.{uuid.uuid4().hex[:10]}.v1", partitions=4)
+    ensure_topics(stack.kafka, [topic])
+    pub = Publisher(config, "test")
+    keys = [f"k{j}" for j in range(8)]
+    partition_of = {k: (murmur2(k.encode()) & 0x7FFFFFFF) % 4 for k in keys}  # the producer's default
+    assert len(set(partition_of.values())) > 1
+    for i in range(10):
+        for k in keys:
+            pub.send(topic, UserRegistered(user_id=k, username=f"{k}-{i}", name=""), key=k)
+    pub.flush()
+    batches: list[list[tuple[str, str]]] = []
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    worker = ConsumerWorker(
+        config,
+        "t",
+        [topic.name],
+        group,
+        batch_handler=lambda evs: batches.append([(e.user_id, e.username) for e in evs]),
+    )
+    worker.start()
+    try:
+        wait_for(lambda: sum(map(len, batches)) == 80)
+        # Everything was there before the first poll: one call spans the partitions.
+        assert any(len({partition_of[k] for k, _ in b}) > 1 for b in batches)
+        seen = [pair for b in batches for pair in b]
+        for k in keys:  # order per key holds
+            assert [n for key, n in seen if key == k] == [f"{k}-{i}" for i in range(10)]
+        for p in set(partition_of.values()):
+            count = sum(1 for k in keys if partition_of[k] == p) * 10
+            wait_for(lambda p=p, count=count: committed(config, group, topic.name, p) == count)
     finally:
         worker.stop()
         pub.close()

@@ -6,7 +6,9 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from chatlib.schemas import Deliver, MessageStored, UserRegistered, UserUnregistered, dm_conversation
+from kafka.errors import KafkaTimeoutError
 
 from services.persistence.service import Persistence
 from tests.unit.persistence.conftest import dm, gmsg, make_service, set_group
@@ -192,7 +194,7 @@ def test_crash_after_writing_before_announcing_is_announced_on_redelivery() -> N
     assert len(stored(svc)) == 2
 
 
-def test_message_stored_is_flushed_before_any_ack(svc: Persistence) -> None:
+def test_message_stored_is_produced_before_any_ack_and_flushed_before_the_commit(svc: Persistence) -> None:
     order: list[str] = []
     pub = svc.publisher
     real_send, real_flush = pub.send, pub.flush
@@ -207,7 +209,25 @@ def test_message_stored_is_flushed_before_any_ack(svc: Persistence) -> None:
 
     pub.send, pub.flush = send, flush  # type: ignore[method-assign]
     svc.on_inbound([dm(cid="1"), dm(cid="2")])
-    assert order == ["MessageStored", "MessageStored", "flush", "Deliver", "flush"]
+    assert order == ["MessageStored", "MessageStored", "Deliver", "flush"]
+
+
+def test_a_failed_flush_announces_the_messages_again_when_the_poll_is_retried(svc: Persistence) -> None:
+    pub = svc.publisher
+    real_flush = pub.flush
+
+    def broken_flush(timeout: float = 10.0) -> None:
+        raise KafkaTimeoutError("broker away")
+
+    pub.flush = broken_flush  # type: ignore[method-assign]
+    with pytest.raises(KafkaTimeoutError):
+        svc.on_inbound([dm(cid="1"), dm(cid="2")])
+    pub.flush = real_flush  # type: ignore[method-assign]
+    pub.clear()  # type: ignore[attr-defined]
+    svc.on_inbound([dm(cid="1"), dm(cid="2")])  # the consumer retries the same poll
+    assert [m.seq for m in stored(svc)] == [1, 2]  # announced again, not numbered again
+    assert [a["seq"] for a in frames_to(svc, "alice", kind="ack")] == [1, 2]
+    assert len(svc.store.messages) == 2  # type: ignore[attr-defined]
 
 
 def test_acks_to_one_device_are_one_record_in_seq_order(svc: Persistence) -> None:

@@ -1,0 +1,66 @@
+"""How a service's @consume declarations become Kafka consumers."""
+
+from __future__ import annotations
+
+import pytest
+from chatlib.schemas import Event
+from chatlib.service import Service, ServiceConfig, consume
+from chatlib.topics import MESSAGES_IN, PRESENCE, SESSION_EVENTS, USER_EVENTS
+
+
+class Sample(Service):
+    name = "sample"
+
+    @consume(MESSAGES_IN, group="sample", batch=True)
+    def on_inbound(self, events: list[Event]) -> None: ...
+
+    @consume(SESSION_EVENTS, group="sample-control", batch=True)
+    def on_sessions(self, events: list[Event]) -> None: ...
+
+    @consume(USER_EVENTS, PRESENCE, group="sample-control", batch=True)
+    def on_users(self, events: list[Event]) -> None: ...
+
+    @consume(USER_EVENTS, private=True, from_beginning=False)
+    def on_user_event(self, ev: Event) -> None: ...
+
+
+def test_handlers_of_one_group_share_one_consumer_and_records_go_by_topic() -> None:
+    svc = Sample(ServiceConfig())
+    consumers = {name: (topics, group, handlers) for name, topics, group, _, handlers in svc._consumers()}
+    assert set(consumers) == {"sample.on_inbound", "sample.control", "sample.on_user_event"}
+    topics, group, handlers = consumers["sample.control"]
+    assert group == "sample-control"
+    assert sorted(topics) == sorted([SESSION_EVENTS.name, USER_EVENTS.name, PRESENCE.name])
+    assert handlers[SESSION_EVENTS.name] == svc.on_sessions
+    assert handlers[USER_EVENTS.name] == handlers[PRESENCE.name] == svc.on_users
+    # a private reader never shares: every instance must see every record
+    topics, group, handlers = consumers["sample.on_user_event"]
+    assert (topics, group, handlers[USER_EVENTS.name]) == ([USER_EVENTS.name], None, svc.on_user_event)
+
+
+def test_a_group_mixing_start_positions_is_a_programming_error() -> None:
+    class Mixed(Service):
+        name = "mixed"
+
+        @consume(MESSAGES_IN, group="g", batch=True)
+        def a(self, events: list[Event]) -> None: ...
+
+        @consume(USER_EVENTS, group="g", batch=True, from_beginning=False)
+        def b(self, events: list[Event]) -> None: ...
+
+    with pytest.raises(TypeError, match="group g"):
+        Mixed(ServiceConfig())._consumers()
+
+
+def test_two_handlers_of_one_group_for_one_topic_is_a_programming_error() -> None:
+    class Twice(Service):
+        name = "twice"
+
+        @consume(MESSAGES_IN, group="g", batch=True)
+        def a(self, events: list[Event]) -> None: ...
+
+        @consume(MESSAGES_IN, group="g", batch=True)
+        def b(self, events: list[Event]) -> None: ...
+
+    with pytest.raises(TypeError, match="same topic"):
+        Twice(ServiceConfig())._consumers()
