@@ -69,6 +69,12 @@ class ProfileConfig(ServiceConfig):
     username_grace_s: int = Field(7 * 24 * 3600, ge=0)
     # How long /internal/auth may reuse a device lookup (0 = never); at most 1 s.
     auth_cache_ttl_s: float = Field(1.0, ge=0, le=1.0)
+    # Argon2id cost of new password hashes (RFC 9106's low-memory profile by default; the
+    # floor is OWASP's minimum, 19 MiB). Stored hashes carry their own parameters and are
+    # re-hashed at the next login when these change.
+    argon2_time_cost: int = Field(3, ge=2, le=10)
+    argon2_memory_kib: int = Field(65536, ge=19456, le=1048576)
+    argon2_parallelism: int = Field(4, ge=1, le=8)
     admin_username: str = shared("admin", "ADMIN_USERNAME")
     admin_password: SecretStr = shared(SecretStr(""), "ADMIN_PASSWORD")
 
@@ -140,7 +146,11 @@ class ProfileService(Service):
         super().__init__(config, **overrides)
         assert isinstance(config, ProfileConfig)
         self.tokens = TokenIssuer(config.signing_key, config.access_ttl_s)
-        self.hasher = PasswordHasher()  # Argon2id with the library's current defaults
+        self.hasher = PasswordHasher(
+            time_cost=config.argon2_time_cost,
+            memory_cost=config.argon2_memory_kib,
+            parallelism=config.argon2_parallelism,
+        )  # Argon2id
         self._dummy_hash: str | None = None
         self._auth_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._verified_tokens: dict[str, Claims] = {}

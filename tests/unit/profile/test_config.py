@@ -54,6 +54,8 @@ def test_short_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         ("PROFILE_AUTH_CACHE_TTL_S", "2"),
         ("PROFILE_ACCESS_TTL_S", "soon"),
         ("PROFILE_USERNAME_GRACE_S", "-1"),
+        ("PROFILE_ARGON2_MEMORY_KIB", "8192"),
+        ("PROFILE_ARGON2_TIME_COST", "1"),
     ],
 )
 def test_bad_values_name_their_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -70,3 +72,4 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.username_grace_s == 7 * 24 * 3600
     assert cfg.access_ttl_s == 900 and cfg.refresh_ttl_days == 30
     assert 0 < cfg.auth_cache_ttl_s <= 1.0
+    assert (cfg.argon2_time_cost, cfg.argon2_memory_kib, cfg.argon2_parallelism) == (3, 65536, 4)

@@ -153,6 +153,14 @@ def test_password_is_rehashed_when_parameters_change(svc: ProfileService) -> Non
     assert not svc.hasher.check_needs_rehash(store(svc).users[uid]["password_hash"])
 
 
+def test_new_hashes_use_the_configured_argon2id_cost() -> None:
+    svc = make_service(cheap_hashing=False, argon2_time_cost=2, argon2_memory_kib=19456, argon2_parallelism=1)
+    uid = signup(svc)["user_id"]
+    stored = store(svc).users[uid]["password_hash"]
+    assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert PW not in stored
+
+
 def test_a_disable_racing_with_a_login_wins() -> None:
     svc = make_service()
     uid = signup(svc)["user_id"]
