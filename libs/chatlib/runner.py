@@ -14,6 +14,7 @@ monkey.patch_all()
 
 import logging  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -62,6 +63,17 @@ def probe(config: ServiceConfig) -> None:
     connect(config, "probe").close()
 
 
+def _raise_open_file_limit(connections: int) -> None:
+    """Every socket is a descriptor: lift the soft limit (often 1024) towards the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            logger.warning("open-file limit %d is below %d connections; raise `ulimit -n`", new, connections)
+
+
 def run(service_cls: type[Service]) -> None:
     """Load config, check infrastructure, serve under gunicorn; exits non-zero on failure."""
     setup_logging(service_cls.name, "INFO")
@@ -96,6 +108,7 @@ def run(service_cls: type[Service]) -> None:
         "proc_name": f"chat-{service_cls.name}",
         "worker_exit": worker_exit,
     }
+    _raise_open_file_limit(int(getattr(config, "worker_connections", 1000)))
     app = _Gunicorn(service_cls, config, options)
     logger.info("%s listening on %s:%s", service_cls.name, config.host, config.port)
     app.run()
