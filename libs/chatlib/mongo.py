@@ -7,10 +7,12 @@ as :class:`Index` objects and the service applies them when it sets up.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pymongo import MongoClient
+from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
@@ -18,6 +20,8 @@ from .config import SharedConfig
 from .kafka import InfrastructureUnavailable
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,3 +63,36 @@ def _safe_url(url: str) -> str:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+#: Largest ``$in`` list sent in one query (see :func:`find_in`).
+IN_CHUNK = 100
+
+
+def chunked(values: Iterable[T], size: int = IN_CHUNK) -> Iterator[list[T]]:
+    """``values`` in lists of at most ``size``."""
+    part: list[T] = []
+    for v in values:
+        part.append(v)
+        if len(part) == size:
+            yield part
+            part = []
+    if part:
+        yield part
+
+
+def find_in(
+    collection: Collection[dict[str, Any]],
+    field: str,
+    values: Iterable[Any],
+    query: Mapping[str, Any] | None = None,
+    projection: Mapping[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """``find({field: {"$in": values}, **query}, projection)``, sent in chunks of :data:`IN_CHUNK` values.
+
+    SecantusDB evaluates ``$in`` in time that grows with the square of the list
+    (1,000 ids: 1.1 s in one query; 10 queries of 100: ~0.2 s); MongoDB is
+    indifferent to the split.
+    """
+    for part in chunked(values):
+        yield from collection.find({field: {"$in": part}, **(query or {})}, projection)

@@ -70,7 +70,7 @@ def _raise_open_file_limit(connections: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        if new < want:
+        if new < connections:
             logger.warning("open-file limit %d is below %d connections; raise `ulimit -n`", new, connections)
 
 

@@ -130,11 +130,13 @@ class GroupService(Service):
         profile service, so an id missing at first is looked up again for up
         to ``user_wait_s`` before it is called unknown.
         """
-        missing = [u for u in user_ids if u not in self.store.get_active_users(user_ids)]
+        active = self.store.get_active_users(user_ids)  # one query, not one per id
+        missing = [u for u in user_ids if u not in active]
         deadline = time.monotonic() + self.config.user_wait_s
         while missing and time.monotonic() < deadline:
             time.sleep(0.05)
-            missing = [u for u in missing if u not in self.store.get_active_users(missing)]
+            active = self.store.get_active_users(missing)
+            missing = [u for u in missing if u not in active]
         if missing:
             raise logic.unknown_members_error(missing)
 

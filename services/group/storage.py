@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from chatlib.mongo import Index
+from chatlib.mongo import Index, find_in
 from chatlib.schemas import GroupChanged, GroupSnapshot
 from pymongo import UpdateOne
 from pymongo.database import Database
@@ -106,7 +106,7 @@ class GroupStore:
         """Those of ``user_ids`` that are registered and not unregistered."""
         if not user_ids:
             return set()
-        return {d["_id"] for d in self.users.find({"_id": {"$in": user_ids}, "active": True}, {"_id": 1})}
+        return {d["_id"] for d in find_in(self.users, "_id", user_ids, {"active": True}, {"_id": 1})}
 
     # -- seed markers -----------------------------------------------------
 

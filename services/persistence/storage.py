@@ -28,7 +28,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from chatlib.mongo import Index
+from chatlib.mongo import Index, find_in
 from chatlib.schemas import StoredMessage
 from pymongo import InsertOne, ReturnDocument, UpdateOne
 from pymongo.database import Database
@@ -134,7 +134,7 @@ class PersistenceStore:
         wanted = set(keys)
         if not wanted:
             return {}
-        docs = self.messages.find({"id": {"$in": sorted({cid for _, cid in wanted})}})
+        docs = find_in(self.messages, "id", sorted({cid for _, cid in wanted}))
         out = {}
         for doc in docs:
             key = (doc["from"], doc["id"])
@@ -246,7 +246,7 @@ class PersistenceStore:
             return {}
         return {
             (d["user_id"], d["conversation"]): int(d.get("last", {}).get("seq", 0))
-            for d in self.user_conversations.find({"_id": {"$in": ids}})
+            for d in find_in(self.user_conversations, "_id", ids)
         }
 
     def get_group_lasts(self, conversations: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -254,14 +254,15 @@ class PersistenceStore:
         ids = sorted(set(conversations))
         if not ids:
             return {}
-        return {d["_id"]: d["last"] for d in self.counters.find({"_id": {"$in": ids}}, {"last": 1}) if d.get("last")}
+        docs = find_in(self.counters, "_id", ids, projection={"last": 1})
+        return {d["_id"]: d["last"] for d in docs if d.get("last")}
 
     def get_dm_peers(self, user_ids: Iterable[str]) -> dict[str, set[str]]:
         """Everyone each user shares a dm with."""
         ids = sorted(set(user_ids))
         out: dict[str, set[str]] = {u: set() for u in ids}
         if ids:
-            for d in self.user_conversations.find({"user_id": {"$in": ids}}, {"user_id": 1, "peer": 1}):
+            for d in find_in(self.user_conversations, "user_id", ids, projection={"user_id": 1, "peer": 1}):
                 out[d["user_id"]].add(d["peer"])
         return out
 
@@ -277,13 +278,13 @@ class PersistenceStore:
         ids = sorted(set(conversations))
         if not ids:
             return []
-        return [_to_range(d) for d in self.ranges.find({"conversation": {"$in": ids}})]
+        return [_to_range(d) for d in find_in(self.ranges, "conversation", ids)]
 
     def get_ranges_of_users(self, user_ids: Iterable[str], conversations: Iterable[str]) -> list[MemberRange]:
         users, convs = sorted(set(user_ids)), sorted(set(conversations))
         if not users or not convs:
             return []
-        return [_to_range(d) for d in self.ranges.find({"user_id": {"$in": users}, "conversation": {"$in": convs}})]
+        return [_to_range(d) for d in find_in(self.ranges, "user_id", users, {"conversation": {"$in": convs}})]
 
     def save_ranges(self, opened: list[MemberRange], closed: list[MemberRange]) -> None:
         ops: list[Any] = [
@@ -320,7 +321,7 @@ class PersistenceStore:
             return {}
         return {
             (d["user_id"], d["device_id"], d["conversation"]): _offsets(d)
-            for d in self.device_offsets.find({"_id": {"$in": ids}})
+            for d in find_in(self.device_offsets, "_id", ids)
         }
 
     def get_user_offsets(self, user_id: str) -> dict[str, Offsets]:
@@ -330,7 +331,7 @@ class PersistenceStore:
         ids = sorted({_key(*k) for k in keys})
         if not ids:
             return {}
-        return {(d["user_id"], d["conversation"]): _offsets(d) for d in self.user_offsets.find({"_id": {"$in": ids}})}
+        return {(d["user_id"], d["conversation"]): _offsets(d) for d in find_in(self.user_offsets, "_id", ids)}
 
     def set_offsets(self, devices: dict[tuple[str, str, str], Offsets], users: dict[tuple[str, str], Offsets]) -> None:
         """Raise offsets (``$max``: a late or repeated receipt never moves one back)."""
@@ -376,7 +377,7 @@ class PersistenceStore:
             return {}
         return {
             d["_id"]: KnownUser(d["_id"], bool(d.get("deleted", False)))
-            for d in self.users.find({"_id": {"$in": ids}}, {"deleted": 1})
+            for d in find_in(self.users, "_id", ids, projection={"deleted": 1})
         }
 
     def set_user(self, user_id: str, username: str, name: str) -> None:

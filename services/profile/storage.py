@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from chatlib.mongo import Index
+from chatlib.mongo import Index, find_in
 from pymongo import ReturnDocument
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
@@ -67,14 +67,9 @@ class ProfileStore:
         return self.users.find_one({"username": username})
 
     def get_visible_users(self, usernames: list[str]) -> list[Doc]:
-        """Existing (not deleted) users among ``usernames``: one ``$in`` query on the unique index."""
-        if not usernames:
-            return []
-        cursor = self.users.find(
-            {"username": {"$in": usernames}, "state": {"$in": list(VISIBLE_STATES)}},
-            {"username": 1, "name": 1},
-        )
-        return list(cursor)
+        """Existing (not deleted) users among ``usernames``: ``$in`` queries on the unique index."""
+        query = {"state": {"$in": list(VISIBLE_STATES)}}
+        return list(find_in(self.users, "username", usernames, query, {"username": 1, "name": 1}))
 
     def set_user(
         self, user_id: str, fields: Doc, unset: Iterable[str] = (), states: Iterable[str] | None = None

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from chatlib.mongo import Index
+from chatlib.mongo import Index, find_in
 from chatlib.schemas import (
     DeviceLoggedOut,
     DevicePushToken,
@@ -96,8 +96,8 @@ class PushStore:
         out: dict[str, list[PushDevice]] = {}
         if not user_ids:
             return out
-        query = {"user_id": {"$in": user_ids}, "token": {"$exists": True, "$nin": [None, ""]}}
-        for d in self.devices.find(query):
+        query = {"token": {"$exists": True, "$nin": [None, ""]}}
+        for d in find_in(self.devices, "user_id", user_ids, query):
             out.setdefault(d["user_id"], []).append(PushDevice(d["user_id"], d["device_id"], d["token"]))
         for devs in out.values():
             devs.sort(key=lambda d: d.device_id)
@@ -106,7 +106,7 @@ class PushStore:
     def get_names(self, user_ids: list[str]) -> dict[str, str]:
         if not user_ids:
             return {}
-        return {d["_id"]: str(d.get("name", "")) for d in self.names.find({"_id": {"$in": user_ids}})}
+        return {d["_id"]: str(d.get("name", "")) for d in find_in(self.names, "_id", user_ids)}
 
     def delete_token(self, user_id: str, device_id: str, token: str, ts: int) -> None:
         """FCM said the token is dead: drop it (unless replaced meanwhile) and remember its hash."""
@@ -120,7 +120,7 @@ class PushStore:
     def get_outcome_ids(self, ids: list[str]) -> set[str]:
         if not ids:
             return set()
-        return {d["_id"] for d in self.outcomes.find({"_id": {"$in": ids}}, {"_id": 1})}
+        return {d["_id"] for d in find_in(self.outcomes, "_id", ids, projection={"_id": 1})}
 
     def set_outcomes(self, outcomes: list[Outcome]) -> None:
         """Insert outcomes in one round trip; ones already recorded (a redelivery) are kept as they were."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from chatlib.mongo import Index
+from chatlib.mongo import Index, chunked, find_in
 from pymongo import DeleteOne, ReplaceOne, UpdateOne
 from pymongo.database import Database
 
@@ -116,15 +116,15 @@ class SessionStore:
             self.conns.bulk_write(requests, ordered=True)
 
     def delete_connections(self, conn_ids: list[str]) -> None:
-        if conn_ids:
-            self.conns.delete_many({"_id": {"$in": conn_ids}})
+        for part in chunked(conn_ids):
+            self.conns.delete_many({"_id": {"$in": part}})
 
     def set_connections_live(self, conn_ids: list[str], live: bool) -> None:
-        if conn_ids:
-            self.conns.update_many({"_id": {"$in": conn_ids}}, {"$set": {"live": live}})
+        for part in chunked(conn_ids):
+            self.conns.update_many({"_id": {"$in": part}}, {"$set": {"live": live}})
 
     def get_connections_of_users(self, user_ids: Iterable[str]) -> list[Conn]:
-        return [_conn(d) for d in self.conns.find({"user_id": {"$in": list(user_ids)}})]
+        return [_conn(d) for d in find_in(self.conns, "user_id", user_ids)]
 
     def get_connections_of_gateway(self, gateway: str, live_only: bool = False) -> list[Conn]:
         query: dict[str, Any] = {"gateway": gateway}
@@ -140,12 +140,12 @@ class SessionStore:
     # -- devices and users --------------------------------------------------
 
     def get_devices_of_users(self, user_ids: Iterable[str]) -> list[DeviceState]:
-        return [_device(d) for d in self.devices.find({"user_id": {"$in": list(user_ids)}})]
+        return [_device(d) for d in find_in(self.devices, "user_id", user_ids)]
 
     def get_users(self, user_ids: Iterable[str]) -> dict[str, UserState]:
         return {
             d["_id"]: UserState(d["_id"], bool(d.get("online", False)), int(d.get("last_seen", 0)))
-            for d in self.users.find({"_id": {"$in": list(user_ids)}})
+            for d in find_in(self.users, "_id", user_ids)
         }
 
     def set_states(self, devices: list[DeviceState], users: list[UserState]) -> None:

@@ -38,10 +38,16 @@ def _two_free_ports() -> int:
             return p
 
 
-def test_make_run_serves_and_stops_clean(tmp_path: Path, stack: object) -> None:
-    # `stack` is requested so the suite's own system is already up: this proves
-    # `make run` works next to it on other ports, as on a developer machine.
-    var = tmp_path / "var"
+def _kill_leftovers(marker: str) -> None:
+    """After a failure, leave no stray system behind to slow the rest of the suite."""
+    for pid in _procs_with_env(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _make_run_env(var: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
@@ -59,8 +65,11 @@ def test_make_run_serves_and_stops_clean(tmp_path: Path, stack: object) -> None:
     for s in SERVICES:
         if s.name != "gateway":
             env[f"{s.package.upper()}_PORT"] = str(free_port())
-    base = f"http://127.0.0.1:{env['PUBLIC_PORT']}"
-    make = subprocess.Popen(
+    return env
+
+
+def _start_make_run(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         ["make", "--no-print-directory", "run"],
         cwd=ROOT,
         env=env,
@@ -69,6 +78,15 @@ def test_make_run_serves_and_stops_clean(tmp_path: Path, stack: object) -> None:
         text=True,
         start_new_session=True,
     )
+
+
+def test_make_run_serves_and_stops_clean(tmp_path: Path, stack: object) -> None:
+    # `stack` is requested so the suite's own system is already up: this proves
+    # `make run` works next to it on other ports, as on a developer machine.
+    var = tmp_path / "var"
+    env = _make_run_env(var)
+    base = f"http://127.0.0.1:{env['PUBLIC_PORT']}"
+    make = _start_make_run(env)
     output: list[str] = []
     try:
         deadline = time.monotonic() + 180
@@ -102,6 +120,7 @@ def test_make_run_serves_and_stops_clean(tmp_path: Path, stack: object) -> None:
             output.append(rest)
         except subprocess.TimeoutExpired:
             os.killpg(make.pid, signal.SIGKILL)
+            _kill_leftovers(str(var))
             raise
     assert "stopped." in "".join(output), "".join(output)[-3000:]
     time.sleep(0.5)
@@ -109,3 +128,30 @@ def test_make_run_serves_and_stops_clean(tmp_path: Path, stack: object) -> None:
     assert not port_open(int(env["PUBLIC_PORT"]))
     # Data lives under VAR_DIR and survives for the next start.
     assert (var / "mongo").is_dir()
+
+
+def test_a_signal_during_start_up_stops_what_was_started(tmp_path: Path, stack: object) -> None:
+    var = tmp_path / "var"
+    env = _make_run_env(var)
+    make = _start_make_run(env)
+    try:
+        assert make.stdout is not None
+        for line in make.stdout:
+            if "starting Kafka" in line:
+                break
+        # Wait until some of the system is up, but not all of it.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (var / "log" / "profile.log").exists():
+            time.sleep(0.1)
+        assert (var / "log" / "profile.log").exists()
+        os.killpg(make.pid, signal.SIGTERM)
+        rest, _ = make.communicate(timeout=60)
+    except BaseException:
+        os.killpg(make.pid, signal.SIGKILL)
+        _kill_leftovers(str(var))
+        raise
+    assert "during start-up: stopping what was started" in rest, rest[-3000:]
+    time.sleep(0.5)
+    leftovers = _procs_with_env(str(var))
+    _kill_leftovers(str(var))
+    assert leftovers == [], "processes left running after a signal during start-up"
