@@ -135,9 +135,13 @@ def mongo_proc(port: int, var: Path) -> Proc:
     data = var / "mongo"
     data.mkdir(parents=True, exist_ok=True)
     exe = VENV_BIN / "secantusd-py"
+    # --sync-on-commit: without it a kill -9 of the server loses every write since its last
+    # checkpoint, acknowledged messages included (measured: 200 of 200 recent inserts lost;
+    # with it none, at 0.9 instead of 0.75 ms per insert).
+    args = ["--host", "127.0.0.1", "--port", str(port), "--storage-path", str(data), "--sync-on-commit"]
     return Proc(
         "mongo",
-        [str(exe), "--host", "127.0.0.1", "--port", str(port), "--storage-path", str(data), "--log-level", "WARNING"],
+        [str(exe), *args, "--log-level", "WARNING"],
         var / "log" / "mongo.log",
         cwd=var,
     )

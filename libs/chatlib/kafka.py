@@ -225,6 +225,7 @@ class ConsumerWorker:
         dead_letters: Publisher | None = None,
         from_beginning: bool = True,
         max_records: int = 500,
+        key_prefixes: dict[str, str] | None = None,
     ):
         if (handler is None) == (batch_handler is None):
             raise ValueError("give exactly one of handler or batch_handler")
@@ -237,6 +238,8 @@ class ConsumerWorker:
         self.dead_letters = dead_letters
         self.from_beginning = from_beginning
         self.max_records = max_records
+        #: topic -> key prefix: other records of that topic are skipped undecoded (and committed)
+        self.key_prefixes = {t: p.encode() for t, p in (key_prefixes or {}).items()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._consumer: KafkaConsumer | None = None
@@ -334,6 +337,9 @@ class ConsumerWorker:
             logger.debug("consumer close failed", exc_info=True)
 
     def _decode(self, msg: Any) -> Event | None:
+        prefix = self.key_prefixes.get(msg.topic)
+        if prefix is not None and not (msg.key or b"").startswith(prefix):
+            return None
         try:
             env = Envelope.from_bytes(msg.value)
             metrics.EVENT_AGE_SECONDS.labels(self.name).observe(max(0, now_ms() - env.occurred_at) / 1000)

@@ -142,6 +142,7 @@ class ConsumeSpec:
     batch: bool
     from_beginning: bool
     private: bool
+    key_prefix: str | None = None
 
 
 def consume(
@@ -150,6 +151,7 @@ def consume(
     batch: bool = False,
     from_beginning: bool = True,
     private: bool = False,
+    key_prefix: str | None = None,
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Mark a method as the handler of these topics.
 
@@ -158,11 +160,13 @@ def consume(
     ``batch=True`` hands the method a list (the records of its topics from
     one poll, in order per partition). ``private=True``
     reads without a group (every instance sees every record, from the end
-    unless ``from_beginning``).
+    unless ``from_beginning``). ``key_prefix`` skips, without decoding them,
+    the records whose key does not start with it (a router reads only its
+    own kind of conversation from a shared topic).
     """
 
     def mark(fn: Callable[..., None]) -> Callable[..., None]:
-        fn._consume = ConsumeSpec(list(topics), group, batch, from_beginning, private)  # type: ignore[attr-defined]
+        fn._consume = ConsumeSpec(list(topics), group, batch, from_beginning, private, key_prefix)  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -217,6 +221,7 @@ class Service:
         for dep in self._deps.values():
             dep.start(self)
         self._dead_letters = k.Publisher(self.config, f"{self.name}-dlq")
+        prefixes = self._key_prefixes()
         for name, topics, group, spec, handlers in self._consumers():
             worker = k.ConsumerWorker(
                 self.config,
@@ -227,6 +232,7 @@ class Service:
                 batch_handler=handlers if spec.batch else None,
                 dead_letters=self._dead_letters,
                 from_beginning=spec.from_beginning,
+                key_prefixes={t: prefixes[(t, group)] for t in topics if (t, group) in prefixes},
             )
             worker.start()
             self._workers.append(worker)
@@ -268,6 +274,18 @@ class Service:
                 attrs[0] if len(attrs) == 1 else "main" if group == self.name else group.removeprefix(f"{self.name}-")
             )
             out.append((f"{self.name}.{label}", list(handlers), group, spec, handlers))
+        return out
+
+    def _key_prefixes(self) -> dict[tuple[str, str | None], str]:
+        """(topic, group) -> the key prefix its handler asked for."""
+        out: dict[tuple[str, str | None], str] = {}
+        for attr in dir(type(self)):
+            spec: ConsumeSpec | None = getattr(getattr(type(self), attr, None), "_consume", None)
+            if spec is None or spec.key_prefix is None:
+                continue
+            group = None if spec.private else (spec.group or self.name)
+            for t in spec.topics:
+                out[(t.name if isinstance(t, Topic) else t, group)] = spec.key_prefix
         return out
 
     def on_start(self) -> None:

@@ -73,13 +73,13 @@ class GroupRouter(Service):
 
     # -- Kafka ------------------------------------------------------------
 
-    @consume(MESSAGES_STORED, SIGNALS, group="group-router", batch=True)
+    @consume(MESSAGES_STORED, SIGNALS, group="group-router", batch=True, key_prefix=GROUP_PREFIX)
     def on_traffic(self, events: list[Event]) -> None:
         """Group messages, receipts and typing to the members' online devices (pushes for the rest).
 
-        One consumer reads both topics (each poll batch comes from one
-        partition of one of them): stored messages and receipts from
-        persistence, typing signals straight from the gateways.
+        One consumer reads both topics: stored messages and receipts from
+        persistence, typing signals straight from the gateways; 1-to-1
+        records are skipped by key, undecoded.
         """
         outbox = Outbox(self.config.deliver_max_bytes)
         pushes: list[PushRequest] = []

@@ -68,7 +68,7 @@ class MessageRouter(Service):
         for gateway, deliver in outbox.delivers():
             self.publisher.send(topics.gateway_topic(gateway), deliver, key=deliver.targets[0].user_id)
 
-    @consume(topics.MESSAGES_STORED, group="message-router", batch=True)
+    @consume(topics.MESSAGES_STORED, group="message-router", batch=True, key_prefix="dm:")
     def on_stored(self, events: list[Event]) -> None:
         """Stored dm messages and receipts to online devices; push requests for the recipients."""
         outbox = Outbox(self.config.deliver_max_bytes)
@@ -87,7 +87,7 @@ class MessageRouter(Service):
             self.publisher.send(topics.PUSH_REQUESTS, req, key=req.user_id)
         self.publisher.flush()
 
-    @consume(topics.SIGNALS, group="message-router", batch=True)
+    @consume(topics.SIGNALS, group="message-router", batch=True, key_prefix="dm:")
     def on_signals(self, events: list[Event]) -> None:
         """Typing in a dm to the other party's online devices (group typing is the group-router's)."""
         outbox = Outbox(self.config.deliver_max_bytes)

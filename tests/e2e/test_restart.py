@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from helper.stack import Stack
-from tests.support import WsClient, dm_id, new_user, online
+from tests.support import WsClient, dm_id, eventually, new_user, online
 
 N = 30
 
@@ -76,3 +76,41 @@ def test_persistence_killed_while_messages_flow(stack: Stack) -> None:
 @pytest.mark.slow
 def test_message_router_killed_while_messages_flow(stack: Stack) -> None:
     send_through_restart(stack, "message-router")
+
+
+def test_a_mongodb_outage_delays_messages_but_loses_none(stack: Stack) -> None:
+    """kill -9 of the database under a running system: REST answers 503 in the contract's
+    shape, a message sent meanwhile is acked only once it is stored, and everything
+    works again after the database is back, without restarting any service."""
+    alice, bob = new_user(stack.base_url), new_user(stack.base_url)
+    a1, b1 = online(alice), online(bob)
+    try:
+        before = a1.send_message(to=bob.user_id, body="before the outage")
+        a1.expect("ack", id=before)
+        b1.expect("message", id=before)
+
+        stack.procs["mongo"].kill()
+        # Nginx's token check may answer from its short cache; either way nothing is a 200.
+        r = alice.api.get(f"/v1/conversations/{dm_id(alice, bob)}/messages")
+        assert r.status_code in (500, 503), r.text
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "unavailable"
+
+        during = a1.send_message(to=bob.user_id, body="during the outage")
+        assert a1.nothing("ack", 2.0, id=during)  # not stored, so not acknowledged
+        stack.restart_mongo(kill=False)
+
+        ack = a1.expect("ack", id=during, timeout=90)
+        msg = b1.expect("message", id=during, timeout=60)
+        assert msg["seq"] == ack["seq"] == 2
+
+        def history_is_back() -> bool:
+            r = alice.api.get(f"/v1/conversations/{dm_id(alice, bob)}/messages")
+            return r.status_code == 200 and {m["id"] for m in r.json()["messages"]} == {before, during}
+
+        eventually(history_is_back, timeout=60, what="history after the outage")
+        after = a1.send_message(to=bob.user_id, body="after the outage")
+        assert b1.expect("message", id=after, timeout=30)["seq"] == 3
+    finally:
+        a1.close()
+        b1.close()

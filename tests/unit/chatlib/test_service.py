@@ -64,3 +64,29 @@ def test_two_handlers_of_one_group_for_one_topic_is_a_programming_error() -> Non
 
     with pytest.raises(TypeError, match="same topic"):
         Twice(ServiceConfig())._consumers()
+
+
+def test_a_key_prefix_skips_other_records_undecoded() -> None:
+    from types import SimpleNamespace
+
+    from chatlib.kafka import ConsumerWorker
+    from chatlib.schemas import TypingSignal, to_bytes
+    from chatlib.topics import SIGNALS
+
+    class Router(Service):
+        name = "router"
+
+        @consume(SIGNALS, batch=True, key_prefix="dm:")
+        def on_signals(self, events: list[Event]) -> None: ...
+
+    svc = Router(ServiceConfig())
+    assert svc._key_prefixes() == {(SIGNALS.name, "router"): "dm:"}
+    worker = ConsumerWorker(
+        ServiceConfig(), "t", [SIGNALS.name], "router", batch_handler=svc.on_signals, key_prefixes={SIGNALS.name: "dm:"}
+    )
+    typing = TypingSignal(conversation="dm:a:b", user_id="a", device_id="d", state="start")
+    value = to_bytes(typing)
+    mine = SimpleNamespace(topic=SIGNALS.name, key=b"dm:a:b", value=value, partition=0, offset=1)
+    other = SimpleNamespace(topic=SIGNALS.name, key=b"group:g", value=b"not even json", partition=0, offset=2)
+    assert worker._decode(mine) == typing
+    assert worker._decode(other) is None  # skipped before decoding: not parked as undecodable
