@@ -14,37 +14,14 @@ import argparse
 import os
 import signal
 import sys
-import threading
 
 from .infra import ROOT
-from .stack import SERVICES, Stack, load_dotenv, spec
-
-
-class _Stopped(Exception):
-    """Ctrl-C or SIGTERM arrived while the stack was still starting."""
-
-
-_stop = threading.Event()
-_starting = True
-
-
-def _on_signal(signum: int, _frame: object) -> None:
-    _stop.set()
-    if _starting:
-        raise _Stopped(signal.Signals(signum).name)
-
-
-def _stop_all(stack: Stack) -> None:
-    global _starting
-    _starting = False  # a second signal must not interrupt the clean-up
-    stack.stop()
+from .stack import SERVICES, Stack, StartInterrupted, load_dotenv, spec
 
 
 def _wait_for_signal(stack: Stack, watch: bool) -> int:
-    global _starting
-    _starting = False
     code = 0
-    while not _stop.wait(1.0):
+    while not stack.stop_requested.wait(1.0):
         if watch:
             dead = [p.name for p in stack.procs.values() if not p.alive()]
             if dead:
@@ -64,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     values = load_dotenv(ROOT / ".env")
     stack = Stack.from_env(values)
-    # From here on a signal, even one during start-up, stops whatever was started.
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    # From here on a signal, even one during start-up, stops whatever was started:
+    # the handler only asks; starting checks between steps (see Stack._spawn).
+    signal.signal(signal.SIGINT, lambda *_: stack.stop_requested.set())
+    signal.signal(signal.SIGTERM, lambda *_: stack.stop_requested.set())
     try:
         if args.what == "topics":
             stack.create_topics()
@@ -95,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"services: {names}; gateways: {stack.gateways}; logs in {stack.var / 'log'}", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         return _wait_for_signal(stack, watch=True)
-    except _Stopped as sig:
-        print(f"{sig} during start-up: stopping what was started...", flush=True)
-        _stop_all(stack)
+    except StartInterrupted:
+        print("signal during start-up: stopping what was started...", flush=True)
+        stack.stop()
         return 130
     except Exception as exc:  # noqa: BLE001 - report plainly, stop what was started
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        _stop_all(stack)
+        stack.stop()
         return 1
 
 

@@ -11,7 +11,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,10 @@ def load_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
+class StartInterrupted(Exception):
+    """A stop was requested (Ctrl-C, SIGTERM) while the stack was starting."""
+
+
 @dataclass
 class Stack:
     """Every process of the system, started in order and stopped in reverse."""
@@ -95,6 +101,8 @@ class Stack:
     embedded_mongo: bool = True
     auth_rate: str = "20r/s"
     auth_burst: int = 40
+    #: Set from a signal handler: starting stops at the next spawn or readiness check.
+    stop_requested: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def for_tests(cls, var: Path, gateways: int = 2) -> Stack:
@@ -255,8 +263,7 @@ class Stack:
         if wait:
             self._start(proc, lambda: self.healthy(port), 60)
         else:
-            proc.start()
-            self.procs[key] = proc
+            self._spawn(proc)
         return proc
 
     def start_services(self) -> None:
@@ -269,7 +276,7 @@ class Stack:
                 key = f"gateway-{inst}" if name == "gateway" else name
                 pending.append((proc, self.ports[key]))
         for proc, port in pending:
-            wait_until(lambda port=port: self.healthy(port), 90, proc.name, proc.proc)
+            wait_until(self._ready(lambda port=port: self.healthy(port)), 90, proc.name, proc.proc)  # type: ignore[arg-type]
 
     def start_all(self) -> None:
         self.start_infra(nginx=False)
@@ -282,11 +289,32 @@ class Stack:
         except requests.RequestException:
             return False
 
-    def _start(self, proc: Proc, ready: object, timeout: float) -> None:
+    def _spawn(self, proc: Proc) -> None:
+        """Start and record a process, unless a stop was requested.
+
+        A signal handler only sets ``stop_requested``; starting checks it here
+        and while waiting for readiness, so a stop during start-up never lands
+        between a spawn and its record (which left processes nobody stopped).
+        """
+        self._check_stop()
         proc.start()
         self.procs[proc.name] = proc
+
+    def _check_stop(self) -> None:
+        if self.stop_requested.is_set():
+            raise StartInterrupted("stop requested while starting")
+
+    def _ready(self, check: Callable[[], bool]) -> Callable[[], bool]:
+        def ready() -> bool:
+            self._check_stop()
+            return check()
+
+        return ready
+
+    def _start(self, proc: Proc, ready: Callable[[], bool], timeout: float) -> None:
+        self._spawn(proc)
         try:
-            wait_until(ready, timeout, proc.name, proc.proc)  # type: ignore[arg-type]
+            wait_until(self._ready(ready), timeout, proc.name, proc.proc)  # type: ignore[arg-type]
         except RuntimeError:
             tail = proc.log.read_text(errors="replace")[-2000:] if proc.log.exists() else ""
             raise RuntimeError(f"{proc.name} failed to start; log tail:\n{tail}") from None

@@ -31,6 +31,13 @@ def _procs_with_env(marker: str) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return f"{pid} (gone)"
+
+
 def _two_free_ports() -> int:
     while True:
         p = free_port()
@@ -150,8 +157,9 @@ def test_a_signal_during_start_up_stops_what_was_started(tmp_path: Path, stack: 
         os.killpg(make.pid, signal.SIGKILL)
         _kill_leftovers(str(var))
         raise
-    assert "during start-up: stopping what was started" in rest, rest[-3000:]
+    assert "signal during start-up: stopping what was started" in rest, rest[-3000:]
     time.sleep(0.5)
     leftovers = _procs_with_env(str(var))
+    names = [_cmdline(pid) for pid in leftovers]
     _kill_leftovers(str(var))
-    assert leftovers == [], "processes left running after a signal during start-up"
+    assert names == [], "processes left running after a signal during start-up"
