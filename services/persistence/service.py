@@ -453,7 +453,9 @@ class Persistence(Service):
 
     # -- session.events.v1 -----------------------------------------------------------
 
-    @consume(topics.SESSION_EVENTS, group="persistence-control", batch=True)
+    # Each control topic keeps its own consumer: a slow account deletion or a big
+    # membership change must not hold back the replay a connecting device waits for.
+    @consume(topics.SESSION_EVENTS, group="persistence-sessions", batch=True)
     def on_session_events(self, events: list[Event]) -> None:
         """Replay to every socket that connected (protocol 5); other session events are not ours."""
         out = _Outbox(self.config.deliver_max_bytes)
@@ -544,7 +546,7 @@ class Persistence(Service):
 
     # -- user.events.v1 ----------------------------------------------------------------
 
-    @consume(topics.USER_EVENTS, group="persistence-control", batch=True)
+    @consume(topics.USER_EVENTS, group="persistence-users", batch=True)
     def on_user_events(self, events: list[Event]) -> None:
         """Keep the users projection; a removed device or an unregistered user loses its queue."""
         for ev in events:
@@ -563,7 +565,7 @@ class Persistence(Service):
 
     # -- group.changes.v1 ------------------------------------------------------------------
 
-    @consume(topics.GROUP_CHANGES, group="persistence-control", batch=True)
+    @consume(topics.GROUP_CHANGES, group="persistence-groups", batch=True)
     def on_group_changes(self, events: list[Event]) -> None:
         """Open a member's readable range at joining, close it at removal (or group deletion)."""
         changes = [e for e in events if isinstance(e, GroupChanged)]
@@ -590,7 +592,7 @@ class Persistence(Service):
 
     # -- presence.v1 --------------------------------------------------------------------------
 
-    @consume(topics.PRESENCE, group="persistence-control", batch=True)
+    @consume(topics.PRESENCE, group="persistence-presence", batch=True)
     def on_presence(self, events: list[Event]) -> None:
         """Protocol 11: who shares a dm (or a small group) with the user hears of their presence."""
         changes = [e for e in events if isinstance(e, PresenceChanged)]

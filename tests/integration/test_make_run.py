@@ -55,14 +55,24 @@ def _kill_leftovers(marker: str) -> None:
 
 
 def _make_run_env(var: Path) -> dict[str, str]:
+    gateway = _two_free_ports()
+    taken = {gateway, gateway + 1}
+
+    def port() -> str:
+        # Never hand a service the second gateway's port (the gateways use GATEWAY_PORT + i).
+        while (p := free_port()) in taken:
+            pass
+        taken.add(p)
+        return str(p)
+
     env = dict(os.environ)
     env.update(
         {
             "VAR_DIR": str(var),
-            "PUBLIC_PORT": str(free_port()),
-            "EMBEDDED_KAFKA_PORT": str(free_port()),
-            "EMBEDDED_MONGO_PORT": str(free_port()),
-            "GATEWAY_PORT": str(_two_free_ports()),
+            "PUBLIC_PORT": port(),
+            "EMBEDDED_KAFKA_PORT": port(),
+            "EMBEDDED_MONGO_PORT": port(),
+            "GATEWAY_PORT": str(gateway),
             "GATEWAY_INSTANCES": "2",
             "KAFKA_BOOTSTRAP_SERVERS": "",
             "MONGO_URL": "",
@@ -71,7 +81,7 @@ def _make_run_env(var: Path) -> dict[str, str]:
     )
     for s in SERVICES:
         if s.name != "gateway":
-            env[f"{s.package.upper()}_PORT"] = str(free_port())
+            env[f"{s.package.upper()}_PORT"] = port()
     return env
 
 
