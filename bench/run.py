@@ -99,6 +99,8 @@ class Stats:
     acks: list[float] = field(default_factory=list)
     received: int = 0
     duplicates: int = 0
+    #: messages of an earlier phase seen in this one (not counted as received)
+    earlier: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -113,10 +115,12 @@ async def reader(ws: ClientConnection, stats: Stats, sent_at: dict[str, int], re
                 stats.duplicates += 1
                 continue
             seen.add(key)
-            stats.received += 1
             started = sent_at.get(f["id"])
             if started is not None:
+                stats.received += 1
                 stats.latencies.append((now - started) / 1e6)
+            else:
+                stats.earlier += 1  # an earlier phase's message, re-sent by a gap replay
             if receipts:
                 await ws.send(
                     json.dumps(
@@ -199,6 +203,7 @@ async def one_to_one(
         "received": stats.received,
         "acked": len(stats.acks),
         "duplicates_dropped": stats.duplicates,
+        "earlier_phase_messages": stats.earlier,
         "errors": len(stats.errors),
         "send_seconds": round(send_elapsed, 2),
         "delivered_per_s": round(stats.received / elapsed, 1),

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pymongo import MongoClient
+from pymongo import MongoClient, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
@@ -96,3 +96,14 @@ def find_in(
     """
     for part in chunked(values):
         yield from collection.find({field: {"$in": part}, **(query or {})}, projection)
+
+
+def journaled(collection: Collection[dict[str, Any]]) -> Collection[dict[str, Any]]:
+    """The collection with ``j=True`` added to its write concern (the URL's ``w`` is kept).
+
+    A write then returns only once it is in the server's journal: a crash of
+    the database cannot lose it (measured on SecantusDB: without it a kill -9
+    lost every write since the last checkpoint; with it none).
+    """
+    concern = {**collection.write_concern.document, "j": True}
+    return collection.with_options(write_concern=WriteConcern(**concern))

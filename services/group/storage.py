@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from chatlib.mongo import Index, find_in
+from chatlib.mongo import Index, find_in, journaled
 from chatlib.schemas import GroupChanged, GroupSnapshot
 from pymongo import UpdateOne
 from pymongo.database import Database
@@ -49,7 +49,7 @@ class GroupStore:
 
     def __init__(self, db: Database[dict[str, Any]]):
         self.db = db
-        self.groups = db[GROUPS]
+        self.groups = journaled(db[GROUPS])  # memberships (and their outbox) answered as done
         self.users = db[USERS]
         self.meta = db[META]
 

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from chatlib.mongo import Index, find_in
+from chatlib.mongo import Index, find_in, journaled
 from chatlib.schemas import StoredMessage
 from pymongo import InsertOne, ReturnDocument, UpdateOne
 from pymongo.database import Database
@@ -118,14 +118,17 @@ class PersistenceStore:
 
     def __init__(self, db: Database[dict[str, Any]]):
         self.db = db
-        self.messages = db[MESSAGES]
-        self.counters = db[COUNTERS]
-        self.user_conversations = db[USER_CONVERSATIONS]
-        self.ranges = db[RANGES]
+        # What an ack promises lives here: these writes wait for the journal (on top of
+        # the URL's w=...), so a database crash cannot lose an acknowledged message,
+        # reissue its seq, or hide it from history. The rest (offsets, mutes) may lag.
+        self.messages = journaled(db[MESSAGES])
+        self.counters = journaled(db[COUNTERS])
+        self.user_conversations = journaled(db[USER_CONVERSATIONS])
+        self.ranges = journaled(db[RANGES])  # who may read what
         self.device_offsets = db[DEVICE_OFFSETS]
         self.user_offsets = db[USER_OFFSETS]
         self.users = db[USERS]
-        self.mutes = db[MUTES]
+        self.mutes = journaled(db[MUTES])
 
     # -- messages ----------------------------------------------------------
 

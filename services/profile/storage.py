@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from chatlib.mongo import Index, find_in
+from chatlib.mongo import Index, find_in, journaled
 from pymongo import ReturnDocument
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
@@ -47,10 +47,11 @@ class ProfileStore:
     ]
 
     def __init__(self, db: Database[Doc]):
-        self.users = db["users"]
-        self.devices = db["devices"]
-        self.refresh = db["refresh_tokens"]
-        self.audit = db["audit"]
+        # Accounts, devices and tokens are answered as done: journaled writes (few, so cheap).
+        self.users = journaled(db["users"])
+        self.devices = journaled(db["devices"])
+        self.refresh = journaled(db["refresh_tokens"])
+        self.audit = journaled(db["audit"])
 
     # -- users -------------------------------------------------------------
 

@@ -39,3 +39,13 @@ def test_find_in_of_nothing_sends_nothing() -> None:
     coll = RecordingCollection([])
     assert list(find_in(coll, "_id", [])) == []  # type: ignore[arg-type]
     assert coll.queries == []
+
+
+def test_journaled_adds_the_journal_and_keeps_the_urls_write_concern() -> None:
+    from chatlib.mongo import journaled
+    from pymongo import MongoClient
+
+    replica = MongoClient("mongodb://127.0.0.1:1/?w=majority&wtimeoutMS=5000", connect=False)
+    assert journaled(replica.chat.messages).write_concern.document == {"w": "majority", "wtimeout": 5000, "j": True}
+    embedded = MongoClient("mongodb://127.0.0.1:1/?retryWrites=false", connect=False)
+    assert journaled(embedded.chat.messages).write_concern.document == {"j": True}
