@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .schemas import Deliver, DeviceRef, UserSessions
+from .schemas import Deliver, DeviceRef, PushRequest, StoredMessage, UserSessions
 
 #: user id -> that user's live sessions (None: no device online)
 SessionsOf = Callable[[str], UserSessions | None]
@@ -41,6 +41,28 @@ def targets_for(users: Iterable[str], sessions_of: SessionsOf, skip: tuple[str, 
 def online_device_ids(sessions: UserSessions | None) -> list[str]:
     """The ids of a user's online devices, sorted (each once)."""
     return sorted({d.device_id for d in sessions.devices}) if sessions is not None else []
+
+
+#: Characters of the body a push notification may show.
+PREVIEW_CHARS = 100
+
+
+def push_request_for(msg: StoredMessage, user_id: str, sessions_of: SessionsOf) -> PushRequest:
+    """A push request for one recipient of ``msg``, its online devices excluded.
+
+    A router only knows which devices are online; the push service knows which
+    exist and have a token, and drops the request when none is left.
+    """
+    return PushRequest(
+        user_id=user_id,
+        exclude_devices=online_device_ids(sessions_of(user_id)),
+        conversation=msg.conversation,
+        message_id=msg.message_id,
+        seq=msg.seq,
+        sender=msg.sender,
+        preview=msg.body[:PREVIEW_CHARS],
+        ts=msg.ts,
+    )
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from chatlib.routing import SessionsOf, Targets, online_device_ids, targets_for
+from chatlib.routing import SessionsOf, Targets, push_request_for, targets_for
 from chatlib.schemas import (
     GroupChanged,
     PushRequest,
@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 
 #: Seeded channels are owned by this pseudo-user: it has no devices and gets no pushes.
 SYSTEM_USER = "system"
-PREVIEW_CHARS = 100
 
 
 def members_of(change: GroupChanged | None) -> set[str] | None:
@@ -44,20 +43,7 @@ def route_message(msg: StoredMessage, members: set[str], sessions_of: SessionsOf
     recipients = sorted(members - {SYSTEM_USER})
     users = recipients if msg.sender in members else [*recipients, msg.sender]
     targets = targets_for(users, sessions_of, skip=(msg.sender, msg.from_device))
-    pushes = [
-        PushRequest(
-            user_id=user_id,
-            exclude_devices=online_device_ids(sessions_of(user_id)),
-            conversation=msg.conversation,
-            message_id=msg.message_id,
-            seq=msg.seq,
-            sender=msg.sender,
-            preview=msg.body[:PREVIEW_CHARS],
-            ts=msg.ts,
-        )
-        for user_id in recipients
-        if user_id != msg.sender
-    ]
+    pushes = [push_request_for(msg, user_id, sessions_of) for user_id in recipients if user_id != msg.sender]
     return targets, pushes
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatlib.routing import SessionsOf, Targets, online_device_ids, targets_for
+from chatlib.routing import SessionsOf, Targets, push_request_for, targets_for
 from chatlib.schemas import (
     PresenceRoute,
     PushRequest,
@@ -23,8 +23,6 @@ from chatlib.schemas import (
     receipt_frame,
     typing_frame,
 )
-
-PREVIEW_CHARS = 100
 
 
 def dm_parties(conversation: str) -> tuple[str, str] | None:
@@ -58,17 +56,7 @@ def route_message(msg: StoredMessage, sessions_of: SessionsOf) -> tuple[Targets,
     if other is None:
         return {}, []
     targets = targets_for([other, msg.sender], sessions_of, skip=(msg.sender, msg.from_device))
-    push = PushRequest(
-        user_id=other,
-        exclude_devices=online_device_ids(sessions_of(other)),
-        conversation=msg.conversation,
-        message_id=msg.message_id,
-        seq=msg.seq,
-        sender=msg.sender,
-        preview=msg.body[:PREVIEW_CHARS],
-        ts=msg.ts,
-    )
-    return targets, [push]
+    return targets, [push_request_for(msg, other, sessions_of)]
 
 
 def route_receipt(receipt: ReceiptStored, sessions_of: SessionsOf) -> Targets:
