@@ -136,6 +136,18 @@ class View(Dependency[k.CompactedView]):
 
 
 @dataclass
+class ConsumerPlan:
+    """One Kafka consumer a service will run: its topics, and the handler and key prefix per topic."""
+
+    name: str
+    topics: list[str]
+    group: str | None
+    spec: ConsumeSpec
+    handlers: dict[str, Callable[..., None]]
+    key_prefixes: dict[str, str]
+
+
+@dataclass
 class ConsumeSpec:
     topics: list[Topic | str]
     group: str | None
@@ -221,71 +233,62 @@ class Service:
         for dep in self._deps.values():
             dep.start(self)
         self._dead_letters = k.Publisher(self.config, f"{self.name}-dlq")
-        prefixes = self._key_prefixes()
-        for name, topics, group, spec, handlers in self._consumers():
+        for plan in self._consumers():
             worker = k.ConsumerWorker(
                 self.config,
-                name=name,
-                topics=topics,
-                group_id=group,
-                handler=None if spec.batch else handlers[topics[0]],
-                batch_handler=handlers if spec.batch else None,
+                name=plan.name,
+                topics=plan.topics,
+                group_id=plan.group,
+                handler=None if plan.spec.batch else plan.handlers[plan.topics[0]],
+                batch_handler=plan.handlers if plan.spec.batch else None,
                 dead_letters=self._dead_letters,
-                from_beginning=spec.from_beginning,
-                key_prefixes={t: prefixes[(t, group)] for t in topics if (t, group) in prefixes},
+                from_beginning=plan.spec.from_beginning,
+                key_prefixes=plan.key_prefixes,
             )
             worker.start()
             self._workers.append(worker)
         self.on_start()
         logger.info("%s started", self.name)
 
-    def _consumers(
-        self,
-    ) -> list[tuple[str, list[str], str | None, ConsumeSpec, dict[str, Callable[..., None]]]]:
+    def _consumers(self) -> list[ConsumerPlan]:
         """One consumer per private handler, and one per consumer group.
 
         Handlers declared with the same group share one Kafka consumer (one
         fetch loop: each idle consumer costs CPU at every fetch wait); each
         record goes to the handler of its topic.
         """
-        out: list[tuple[str, list[str], str | None, ConsumeSpec, dict[str, Callable[..., None]]]] = []
-        shared: dict[str, tuple[list[str], ConsumeSpec, dict[str, Callable[..., None]]]] = {}
+        out: list[ConsumerPlan] = []
+        shared: dict[str, tuple[list[str], ConsumerPlan]] = {}
         for attr in dir(type(self)):
             spec: ConsumeSpec | None = getattr(getattr(type(self), attr, None), "_consume", None)
             if spec is None:
                 continue
             bound = getattr(self, attr)
             names = [t.name if isinstance(t, Topic) else t for t in spec.topics]
+            handlers = dict.fromkeys(names, bound)
+            prefixes = dict.fromkeys(names, spec.key_prefix) if spec.key_prefix is not None else {}
             if spec.private:
-                out.append((f"{self.name}.{attr}", names, None, spec, dict.fromkeys(names, bound)))
+                out.append(ConsumerPlan(f"{self.name}.{attr}", names, None, spec, handlers, prefixes))
                 continue
             group = spec.group or self.name
-            attrs, first, handlers = shared.setdefault(group, ([], spec, {}))
+            attrs, plan = shared.setdefault(group, ([], ConsumerPlan("", [], group, spec, {}, {})))
+            first = plan.spec
             if (spec.batch, spec.from_beginning) != (first.batch, first.from_beginning) or (
-                not spec.batch and handlers
+                not spec.batch and plan.handlers
             ):
                 raise TypeError(f"handlers of group {group} must all be batch handlers with the same from_beginning")
-            if set(names) & set(handlers):
+            if set(names) & set(plan.handlers):
                 raise TypeError(f"two handlers of group {group} for the same topic")
             attrs.append(attr)
-            handlers.update(dict.fromkeys(names, bound))
-        for group, (attrs, spec, handlers) in shared.items():
+            plan.topics += names
+            plan.handlers.update(handlers)
+            plan.key_prefixes.update(prefixes)
+        for group, (attrs, plan) in shared.items():
             label = (
                 attrs[0] if len(attrs) == 1 else "main" if group == self.name else group.removeprefix(f"{self.name}-")
             )
-            out.append((f"{self.name}.{label}", list(handlers), group, spec, handlers))
-        return out
-
-    def _key_prefixes(self) -> dict[tuple[str, str | None], str]:
-        """(topic, group) -> the key prefix its handler asked for."""
-        out: dict[tuple[str, str | None], str] = {}
-        for attr in dir(type(self)):
-            spec: ConsumeSpec | None = getattr(getattr(type(self), attr, None), "_consume", None)
-            if spec is None or spec.key_prefix is None:
-                continue
-            group = None if spec.private else (spec.group or self.name)
-            for t in spec.topics:
-                out[(t.name if isinstance(t, Topic) else t, group)] = spec.key_prefix
+            plan.name = f"{self.name}.{label}"
+            out.append(plan)
         return out
 
     def on_start(self) -> None:

@@ -26,7 +26,7 @@ class Sample(Service):
 
 def test_handlers_of_one_group_share_one_consumer_and_records_go_by_topic() -> None:
     svc = Sample(ServiceConfig())
-    consumers = {name: (topics, group, handlers) for name, topics, group, _, handlers in svc._consumers()}
+    consumers = {plan.name: (plan.topics, plan.group, plan.handlers) for plan in svc._consumers()}
     assert set(consumers) == {"sample.on_inbound", "sample.control", "sample.on_user_event"}
     topics, group, handlers = consumers["sample.control"]
     assert group == "sample-control"
@@ -80,7 +80,8 @@ def test_a_key_prefix_skips_other_records_undecoded() -> None:
         def on_signals(self, events: list[Event]) -> None: ...
 
     svc = Router(ServiceConfig())
-    assert svc._key_prefixes() == {(SIGNALS.name, "router"): "dm:"}
+    [plan] = svc._consumers()
+    assert (plan.group, plan.key_prefixes) == ("router", {SIGNALS.name: "dm:"})
     worker = ConsumerWorker(
         ServiceConfig(), "t", [SIGNALS.name], "router", batch_handler=svc.on_signals, key_prefixes={SIGNALS.name: "dm:"}
     )
