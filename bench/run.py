@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "libs"), str(ROOT)]
+
+from chatlib.oslimits import raise_open_file_limit  # noqa: E402
 
 from helper.stack import Stack  # noqa: E402
 
@@ -329,15 +330,8 @@ async def main_async(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     return results
 
 
-def raise_open_file_limit() -> None:
-    """A thousand sockets need more descriptors than a shell's default 1024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
-
-
 def main() -> int:
-    raise_open_file_limit()
+    raise_open_file_limit(65536)  # a thousand sockets and more, beyond a shell's 1024
     parser = argparse.ArgumentParser(prog="bench.run")
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--rates", type=float, nargs="+", default=[50.0, 200.0, 500.0])

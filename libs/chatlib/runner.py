@@ -14,7 +14,6 @@ monkey.patch_all()
 
 import logging  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -24,6 +23,7 @@ from .config import ConfigError, load_config  # noqa: E402
 from .kafka import InfrastructureUnavailable, wait_for_broker  # noqa: E402
 from .logs import setup_logging  # noqa: E402
 from .mongo import connect  # noqa: E402
+from .oslimits import raise_open_file_limit  # noqa: E402
 from .service import Service, ServiceConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -64,14 +64,10 @@ def probe(config: ServiceConfig) -> None:
 
 
 def _raise_open_file_limit(connections: int) -> None:
-    """Every socket is a descriptor: lift the soft limit (often 1024) towards the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = connections + 1024
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        if new < connections:
-            logger.warning("open-file limit %d is below %d connections; raise `ulimit -n`", new, connections)
+    """Room for every connection plus the process's own files; warn when the hard limit is lower."""
+    limit = raise_open_file_limit(connections + 1024)
+    if limit < connections:
+        logger.warning("open-file limit %d is below %d connections; raise `ulimit -n`", limit, connections)
 
 
 def run(service_cls: type[Service]) -> None:
