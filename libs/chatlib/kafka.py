@@ -234,7 +234,12 @@ class ConsumerWorker:
         self.topics = topics
         self.group_id = group_id
         self.handler = handler
-        self.batch_handler = batch_handler
+        #: topic -> batch handler (one callable given serves every topic); empty with ``handler``
+        self.batch_handlers: dict[str, BatchHandler] = {}
+        if isinstance(batch_handler, dict):
+            self.batch_handlers = dict(batch_handler)
+        elif batch_handler is not None:
+            self.batch_handlers = dict.fromkeys(topics, batch_handler)
         self.dead_letters = dead_letters
         self.from_beginning = from_beginning
         self.max_records = max_records
@@ -310,7 +315,7 @@ class ConsumerWorker:
                 records = self._consumer.poll(timeout_ms=200)
                 if self.group_id is not None and self._consumer.assignment():
                     self.assigned.set()
-                if self.batch_handler is None:
+                if self.handler is not None:
                     for tp, msgs in records.items():
                         self._process_partition(tp, msgs)
                 elif records:
@@ -357,7 +362,7 @@ class ConsumerWorker:
             for m in part:
                 by_topic.setdefault(m.topic, []).append(m)
         for topic, msgs in by_topic.items():
-            handler = self.batch_handler if callable(self.batch_handler) else (self.batch_handler or {})[topic]
+            handler = self.batch_handlers[topic]
             events = [e for m in msgs if (e := self._decode(m)) is not None]
             if events:
                 self._call(functools.partial(handler, events), msgs)
