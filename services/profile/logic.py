@@ -62,33 +62,31 @@ def now_ms(clock: float | None = None) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _string(body: dict[str, Any], field: str, required: bool) -> str | None:
-    value = body.get(field)
+def _required_string(value: Any, field: str) -> str:
     if value is None:
-        if required:
-            raise invalid(f"{field} is required", field=field)
-        return None
+        raise invalid(f"{field} is required", field=field)
     if not isinstance(value, str):
         raise invalid(f"{field} must be a string", field=field)
     return value
 
 
+def _string(body: dict[str, Any], field: str, required: bool) -> str | None:
+    value = body.get(field)
+    if value is None and not required:
+        return None
+    return _required_string(value, field)
+
+
 def validate_username(value: Any, field: str = "username") -> str:
     """3 to 32 characters of ``[a-z0-9_.-]`` (no case folding: 'Alice' is refused, not rewritten)."""
-    if value is None:
-        raise invalid(f"{field} is required", field=field)
-    if not isinstance(value, str):
-        raise invalid(f"{field} must be a string", field=field)
+    value = _required_string(value, field)
     if not USERNAME_RE.match(value):
         raise invalid(f"{field} must be 3 to 32 characters of a-z, 0-9, '_', '.', '-'", field=field)
     return value
 
 
 def validate_password(value: Any, field: str = "password") -> str:
-    if value is None:
-        raise invalid(f"{field} is required", field=field)
-    if not isinstance(value, str):
-        raise invalid(f"{field} must be a string", field=field)
+    value = _required_string(value, field)
     if not PASSWORD_MIN <= len(value) <= PASSWORD_MAX:
         raise invalid(f"{field} must be {PASSWORD_MIN} to {PASSWORD_MAX} characters", field=field)
     return value
