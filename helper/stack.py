@@ -190,7 +190,6 @@ class Stack:
             env["GATEWAY_INSTANCE_ID"] = f"gw{idx}"
         else:
             env[f"{prefix}_PORT"] = str(self.ports[name])
-        env.setdefault("PUSH_NOTIFICATION_SINK_DIR", str(self.var / "push"))
         if not env.get("PUSH_NOTIFICATION_PERSISTENCE_URL"):
             # push-notification reads mute lists from persistence's internal HTTP port.
             env["PUSH_NOTIFICATION_PERSISTENCE_URL"] = f"http://127.0.0.1:{self.ports['persistence']}"
