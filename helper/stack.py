@@ -81,6 +81,16 @@ def load_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
+def var_dir(value: str) -> Path:
+    """``VAR_DIR`` as an absolute path: relative values are taken from the project root.
+
+    Every path handed to a child (nginx resolves ``-c``/``-e`` against its ``-p``
+    prefix, services run with ``cwd=ROOT``) must not depend on the caller's cwd.
+    """
+    path = Path(value.strip() or "var").expanduser()
+    return (path if path.is_absolute() else ROOT / path).resolve()
+
+
 class StartInterrupted(Exception):
     """A stop was requested (Ctrl-C, SIGTERM) while the stack was starting."""
 
@@ -131,7 +141,7 @@ class Stack:
     def from_env(cls, values: dict[str, str]) -> Stack:
         """The development stack from .env (ports and production endpoints)."""
         stack = cls(
-            var=Path(values.get("VAR_DIR", str(ROOT / "var"))),
+            var=var_dir(values.get("VAR_DIR", "")),
             public_port=int(values.get("PUBLIC_PORT", "8080")),
             kafka_port=int(values.get("EMBEDDED_KAFKA_PORT", "19092")),
             mongo_port=int(values.get("EMBEDDED_MONGO_PORT", "27117")),
