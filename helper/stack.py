@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -177,6 +178,10 @@ class Stack:
         return self.env.get("MONGO_URL") or f"mongodb://127.0.0.1:{self.mongo_port}/?retryWrites=false"
 
     @property
+    def wakeup_dir(self) -> Path:
+        return self.var / "kafka" / "wakeup"
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.public_port}"
 
@@ -190,6 +195,10 @@ class Stack:
         env.update(self.env)
         env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka
         env["MONGO_URL"] = self.mongo_url
+        if self.embedded_kafka and not env.get("KAFKA_WAKEUP_DIR"):
+            # The embedded broker holds every fetch its full wait: producers ring consumers
+            # instead (chatlib.wakeup). Apache Kafka needs none of it.
+            env["KAFKA_WAKEUP_DIR"] = str(self.wakeup_dir)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "libs"), str(ROOT)])
         env["PYTHONUNBUFFERED"] = "1"
         s = spec(name)
@@ -213,6 +222,7 @@ class Stack:
         if self.embedded_kafka:
             if port_open(self.kafka_port):
                 raise RuntimeError(f"port {self.kafka_port} (Kafka) is already in use")
+            shutil.rmtree(self.wakeup_dir, ignore_errors=True)  # doorbells of a previous run
             self._start(kafka_proc(self.kafka_port, self.var), lambda: port_open(self.kafka_port), 20)
         if self.embedded_mongo:
             if port_open(self.mongo_port):

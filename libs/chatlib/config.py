@@ -37,9 +37,13 @@ class SharedConfig(BaseSettings):
         "INFO", "LOG_LEVEL"
     )
     # Kafka consumer tuning (docs/operations.md says why these values).
-    kafka_fetch_max_wait_ms: int = shared(10, "KAFKA_FETCH_MAX_WAIT_MS")
-    # Fetch wait of consumers off the message path (presence, users, groups...).
-    kafka_fetch_max_wait_relaxed_ms: int = shared(100, "KAFKA_FETCH_MAX_WAIT_RELAXED_MS")
+    # How long a fetch may wait at the broker; 0 = automatic (see fetch_max_wait_ms()).
+    kafka_fetch_max_wait_ms: int = shared(0, "KAFKA_FETCH_MAX_WAIT_MS")
+    # Fetch wake-ups for a broker that holds every fetch its full wait (chatlib.wakeup);
+    # empty = off (Apache Kafka answers a waiting fetch as soon as records arrive).
+    kafka_wakeup_dir: str = shared("", "KAFKA_WAKEUP_DIR")
+    # With wake-ups: how long an idle consumer sleeps between fetches when nobody rings.
+    kafka_wakeup_idle_ms: int = shared(1000, "KAFKA_WAKEUP_IDLE_MS")
     kafka_session_timeout_ms: int = shared(6000, "KAFKA_SESSION_TIMEOUT_MS")
     kafka_heartbeat_interval_ms: int = shared(2000, "KAFKA_HEARTBEAT_INTERVAL_MS")
     kafka_max_poll_interval_ms: int = shared(10000, "KAFKA_MAX_POLL_INTERVAL_MS")
@@ -49,6 +53,19 @@ class SharedConfig(BaseSettings):
     startup_timeout_s: float = shared(10.0, "STARTUP_TIMEOUT_S")
     # Device policy of the contract: secondary devices need the primary online.
     require_primary_online: bool = shared(False, "REQUIRE_PRIMARY_ONLINE")
+
+    @field_validator("kafka_fetch_max_wait_ms", "kafka_wakeup_idle_ms", mode="before")
+    @classmethod
+    def _empty_is_zero(cls, v: Any) -> Any:
+        return 0 if isinstance(v, str) and not v.strip() else v
+
+    def fetch_max_wait_ms(self) -> int:
+        """The consumers' fetch wait: the setting, else 1 ms with wake-ups (the broker's
+        shortest hold; a ring says records are there), else 500 ms (a long poll that
+        Apache Kafka ends as soon as records arrive)."""
+        if self.kafka_fetch_max_wait_ms > 0:
+            return self.kafka_fetch_max_wait_ms
+        return 1 if self.kafka_wakeup_dir else 500
 
     @field_validator("kafka_bootstrap_servers", "mongo_url")
     @classmethod

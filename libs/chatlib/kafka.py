@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -27,12 +28,16 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownProducerIdE
 from kafka.structs import OffsetAndMetadata
 from pymongo.errors import ConnectionFailure
 
-from . import metrics
+from . import metrics, wakeup
 from .config import SharedConfig
 from .schemas import DeadLetter, Envelope, Event, now_ms, to_bytes
-from .topics import ALL_TOPICS, DEAD_LETTERS, Topic, is_hot
+from .topics import ALL_TOPICS, DEAD_LETTERS, Topic
 
 logger = logging.getLogger(__name__)
+
+#: With wake-ups, how long one poll keeps fetching for records a ring announced (ms): two or
+#: three fetches at the broker's shortest wait, enough to cover a fetch already in flight.
+POLL_MS = 5
 
 #: Errors after which the same record is retried (with backoff) instead of dead-lettered.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (KafkaError, ConnectionFailure, OSError)
@@ -129,6 +134,8 @@ class Publisher:
         self._name = producer_name
         self._lock = threading.Lock()
         self._producer: KafkaProducer | None = None
+        #: Rings the consumers of a topic once the broker has its records (see chatlib.wakeup).
+        self._ringer = wakeup.ringer(config.kafka_wakeup_dir)
 
     def _make(self) -> KafkaProducer:
         return KafkaProducer(
@@ -161,11 +168,19 @@ class Publisher:
         name = topic.name if isinstance(topic, Topic) else topic
         value = to_bytes(ev, self._name)
         metrics.EVENTS_PRODUCED.labels(name, ev.TYPE).inc()
+        raw_key = key.encode() if key else None
         try:
-            return self.producer.send(name, value=value, key=key.encode() if key else None)
+            future = self.producer.send(name, value=value, key=raw_key)
         except UnknownProducerIdError:
             self._reset()
-            return self.producer.send(name, value=value, key=key.encode() if key else None)
+            future = self.producer.send(name, value=value, key=raw_key)
+        if self._ringer is not None:
+            future.add_callback(self._ring, name)
+        return future
+
+    def _ring(self, topic: str, metadata: Any) -> None:
+        assert self._ringer is not None
+        self._ringer.ring(topic, metadata.partition, metadata.offset)
 
     def publish(self, topic: Topic | str, ev: Event, key: str | None = None, timeout: float = 10.0) -> None:
         """Send and wait until the broker has it (use before acknowledging anything)."""
@@ -248,6 +263,8 @@ class ConsumerWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._consumer: KafkaConsumer | None = None
+        #: Woken by producers of these topics (chatlib.wakeup); None: plain long polling.
+        self._doorbell = wakeup.Doorbell(Path(config.kafka_wakeup_dir), topics) if config.kafka_wakeup_dir else None
         self.assigned = threading.Event()
         self.healthy = True
         #: Called in the consumer thread after every poll (used by CompactedView).
@@ -262,8 +279,12 @@ class ConsumerWorker:
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in hand, commit, close."""
         self._stop.set()
+        if self._doorbell is not None:
+            self._doorbell.wake()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._doorbell is not None:
+            self._doorbell.close()
 
     # -- internals --------------------------------------------------------
 
@@ -275,11 +296,7 @@ class ConsumerWorker:
             client_id=f"{self.name}",
             enable_auto_commit=False,
             auto_offset_reset="earliest" if self.from_beginning else "latest",
-            fetch_max_wait_ms=(
-                cfg.kafka_fetch_max_wait_ms
-                if any(is_hot(t) for t in self.topics)
-                else cfg.kafka_fetch_max_wait_relaxed_ms
-            ),
+            fetch_max_wait_ms=cfg.fetch_max_wait_ms(),
             session_timeout_ms=cfg.kafka_session_timeout_ms,
             heartbeat_interval_ms=cfg.kafka_heartbeat_interval_ms,
             max_poll_interval_ms=cfg.kafka_max_poll_interval_ms,
@@ -307,21 +324,49 @@ class ConsumerWorker:
 
     def _run(self) -> None:
         attempt = 0
+        settled = False
+        pending = wakeup.Pending()
+        doorbell = self._doorbell
         while not self._stop.is_set():
             try:
                 if self._consumer is None:
                     self._consumer = self._make_consumer()
                     attempt = 0
-                records = self._consumer.poll(timeout_ms=200)
-                if self.group_id is not None and self._consumer.assignment():
+                    settled = False
+                consumer = self._consumer
+                if doorbell is not None and settled and not pending.outstanding(time.monotonic()):
+                    # Everything announced is read: sleep until a producer rings (or the idle
+                    # interval passes, a safety net) instead of fetching in vain.
+                    rings = doorbell.wait(self.config.kafka_wakeup_idle_ms / 1000)
+                    if self._stop.is_set():
+                        break
+                    now = time.monotonic()
+                    for ring in rings:
+                        pending.announce(ring.topic, ring.partition, ring.offset, now)
+                if doorbell is None:
+                    timeout = 200
+                else:
+                    # A group still joining keeps polling (poll drives the join).
+                    timeout = POLL_MS if settled else 100
+                records = consumer.poll(timeout_ms=timeout)
+                settled = self.group_id is None or bool(consumer.assignment())
+                if self.group_id is not None and settled:
                     self.assigned.set()
                 if self.handler is not None:
                     for tp, msgs in records.items():
                         self._process_partition(tp, msgs)
                 elif records:
                     self._process_batch(records)
+                if records and doorbell is not None:
+                    now = time.monotonic()
+                    for tp, msgs in records.items():
+                        pending.read(tp.topic, tp.partition, msgs[-1].offset + 1)
+                        # More than one poll returns (max_poll_records): read on before sleeping.
+                        high = consumer.highwater(tp)
+                        if high is not None and high > msgs[-1].offset + 1:
+                            pending.announce(tp.topic, tp.partition, high - 1, now)
                 if self.after_poll is not None:
-                    self.after_poll(self._consumer)
+                    self.after_poll(consumer)
                 self.healthy = True
             except Exception as exc:  # noqa: BLE001 - keep the loop alive, with backoff
                 self.healthy = False

@@ -34,7 +34,9 @@ def me(user: User) -> Iterator[User]:
 
 @pytest.fixture(scope="module")
 def publisher(stack: Stack) -> Iterator[Publisher]:
-    pub = Publisher(SharedConfig(kafka_bootstrap_servers=stack.kafka), "e2e-session")
+    pub = Publisher(
+        SharedConfig(kafka_bootstrap_servers=stack.kafka, kafka_wakeup_dir=str(stack.wakeup_dir)), "e2e-session"
+    )
     yield pub
     pub.close()
 

@@ -25,7 +25,9 @@ from helper.stack import Stack
 
 @pytest.fixture
 def config(stack: Stack) -> SharedConfig:
-    return SharedConfig(kafka_bootstrap_servers=stack.kafka, mongo_url=stack.mongo_url)
+    return SharedConfig(
+        kafka_bootstrap_servers=stack.kafka, mongo_url=stack.mongo_url, kafka_wakeup_dir=str(stack.wakeup_dir)
+    )
 
 
 @pytest.fixture
