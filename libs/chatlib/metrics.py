@@ -20,5 +20,14 @@ EVENT_AGE_SECONDS = Histogram(
     ["consumer"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30),
 )
+KAFKA_POLLS = Counter("kafka_polls_total", "Consumer polls (each at least one fetch round trip)", ["consumer"])
+KAFKA_WAKEUPS = Counter(
+    "kafka_wakeups_total",
+    "Doorbell wake-ups of a consumer (ring: a producer rang; idle: the idle interval passed)",
+    ["consumer", "kind"],
+)
+KAFKA_FETCH_WAIT_MS = Gauge(
+    "kafka_fetch_wait_ms", "Fetch wait of a woken consumer, widened as the embedded broker's log grows", ["consumer"]
+)
 WS_CONNECTIONS = Gauge("ws_connections", "Open WebSocket connections")
 WS_FRAMES = Counter("ws_frames_total", "WebSocket frames", ["direction", "type"])

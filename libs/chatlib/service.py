@@ -14,9 +14,10 @@ Handlers stay plain methods: a unit test builds the service with
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from flask import Flask
@@ -145,6 +146,8 @@ class ConsumerPlan:
     spec: ConsumeSpec
     handlers: dict[str, Callable[..., None]]
     key_prefixes: dict[str, str]
+    #: every spec sharing this consumer (``spec`` is the first)
+    specs: list[ConsumeSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -155,6 +158,8 @@ class ConsumeSpec:
     from_beginning: bool
     private: bool
     key_prefix: str | None = None
+    #: Name of a service method called when the consumer's partitions change.
+    on_assignment: str | None = None
 
 
 def consume(
@@ -164,6 +169,7 @@ def consume(
     from_beginning: bool = True,
     private: bool = False,
     key_prefix: str | None = None,
+    on_assignment: str | None = None,
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Mark a method as the handler of these topics.
 
@@ -174,14 +180,23 @@ def consume(
     reads without a group (every instance sees every record, from the end
     unless ``from_beginning``). ``key_prefix`` skips, without decoding them,
     the records whose key does not start with it (a router reads only its
-    own kind of conversation from a shared topic).
+    own kind of conversation from a shared topic). ``on_assignment`` names
+    a method called (before the next record) whenever the partitions the
+    consumer owns change: state kept for owned partitions starts over.
     """
 
     def mark(fn: Callable[..., None]) -> Callable[..., None]:
-        fn._consume = ConsumeSpec(list(topics), group, batch, from_beginning, private, key_prefix)  # type: ignore[attr-defined]
+        fn._consume = ConsumeSpec(  # type: ignore[attr-defined]
+            list(topics), group, batch, from_beginning, private, key_prefix, on_assignment
+        )
         return fn
 
     return mark
+
+
+def _call_all(hooks: list[Callable[[], None]]) -> None:
+    for hook in hooks:
+        hook()
 
 
 class ServiceConfig(SharedConfig):
@@ -245,6 +260,9 @@ class Service:
                 from_beginning=plan.spec.from_beginning,
                 key_prefixes=plan.key_prefixes,
             )
+            hooks: list[Callable[[], None]] = [getattr(self, n) for n in {s.on_assignment for s in plan.specs} if n]
+            if hooks:
+                worker.on_assignment = functools.partial(_call_all, hooks)
             worker.start()
             self._workers.append(worker)
         self.on_start()
@@ -268,7 +286,7 @@ class Service:
             handlers = dict.fromkeys(names, bound)
             prefixes = dict.fromkeys(names, spec.key_prefix) if spec.key_prefix is not None else {}
             if spec.private:
-                out.append(ConsumerPlan(f"{self.name}.{attr}", names, None, spec, handlers, prefixes))
+                out.append(ConsumerPlan(f"{self.name}.{attr}", names, None, spec, handlers, prefixes, [spec]))
                 continue
             group = spec.group or self.name
             attrs, plan = shared.setdefault(group, ([], ConsumerPlan("", [], group, spec, {}, {})))
@@ -280,6 +298,7 @@ class Service:
             if set(names) & set(plan.handlers):
                 raise TypeError(f"two handlers of group {group} for the same topic")
             attrs.append(attr)
+            plan.specs.append(spec)
             plan.topics += names
             plan.handlers.update(handlers)
             plan.key_prefixes.update(prefixes)

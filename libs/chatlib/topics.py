@@ -58,8 +58,15 @@ ALL_TOPICS: tuple[Topic, ...] = (
 
 
 def gateway_topic(instance: str) -> Topic:
-    """The delivery topic of one gateway instance (one partition: one ordered stream)."""
-    return Topic(f"gateway.{instance}.v1", partitions=1, hot=True)
+    """The delivery topic of one gateway instance, keyed by the (first) target user.
+
+    Four partitions, not one: the embedded broker's fetch cost grows with the
+    record batches of a partition (see chatlib.wakeup.FetchWait), and every
+    delivery of a gateway lands on this topic. A device's frames may come
+    through two partitions (its own messages routed as another user's); the
+    gateway's per-socket sequencer puts them in seq order either way.
+    """
+    return Topic(f"gateway.{instance}.v1", partitions=4, hot=True)
 
 
 def is_hot(name: str) -> bool:
@@ -83,7 +90,9 @@ TOPIC_KEYS: dict[str, str] = {
     CHANNEL_EVENTS.name: "group_id",
     PUSH_REQUESTS.name: "user_id",
     DEAD_LETTERS.name: "the original topic name",
-    gateway_topic("<instance>").name: "none (one partition: one ordered stream per gateway instance)",
+    gateway_topic(
+        "<instance>"
+    ).name: "user_id of the first target (frames reach a socket in seq order through its sequencer)",
 }
 
 #: The topic(s) each event type of :mod:`chatlib.schemas` travels on, by its TYPE.

@@ -135,7 +135,8 @@ class GroupRouter(Service):
         """Send everything, then wait for the broker to confirm every record (raises on failure: retried)."""
         futures: list[Any] = []
         for gateway, deliver in outbox.delivers():
-            futures.append(self.producer.send(gateway_topic(gateway), deliver))
+            key = deliver.targets[0].user_id if deliver.targets else None
+            futures.append(self.producer.send(gateway_topic(gateway), deliver, key=key))
         for req in pushes:
             futures.append(self.producer.send(PUSH_REQUESTS, req, key=req.user_id))
         if not futures:

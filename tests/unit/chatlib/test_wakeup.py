@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from chatlib.wakeup import Doorbell, Pending, Ring, Ringer
+from chatlib.wakeup import Doorbell, FetchWait, Pending, Ring, Ringer
 
 
 def test_a_ring_reaches_every_doorbell_of_its_topic_and_names_the_record(tmp_path: Path) -> None:
@@ -93,3 +93,40 @@ def test_a_ring_that_is_not_one_decodes_to_nothing() -> None:
     assert Ring.decode(b"") is None
     assert Ring.decode(b"t x y") is None
     assert Ring.decode(Ring("a.b.v1", 1, 2).encode()) == Ring("a.b.v1", 1, 2)
+
+
+def test_a_consumer_reading_one_kind_of_key_is_rung_only_for_those_records(tmp_path: Path) -> None:
+    dms = Doorbell(tmp_path, ["stored"], {"stored": b"dm:"})
+    groups = Doorbell(tmp_path, ["stored"], {"stored": b"group:"})
+    every = Doorbell(tmp_path, ["stored"])
+    ringer = Ringer(tmp_path)
+    try:
+        ringer.ring("stored", 0, 1, b"dm:a:b")
+        ringer.ring("stored", 0, 2, b"group:g1")
+        ringer.ring("stored", 0, 3, None)
+        assert [r.offset for r in dms.wait(1)] == [1]
+        assert [r.offset for r in groups.wait(1)] == [2]
+        assert [r.offset for r in every.wait(1)] == [1, 2, 3]
+    finally:
+        for bell in (dms, groups, every):
+            bell.close()
+
+
+def test_the_fetch_wait_doubles_on_a_miss_and_narrows_after_a_quiet_spell() -> None:
+    w = FetchWait(floor_ms=1, cap_ms=16, decay_s=30)
+    for expected in (2, 4, 8, 16, 16):
+        w.missed(now=0.0)
+        assert w.ms == expected
+    assert not w.tick(now=10.0)  # not quiet long enough
+    assert w.tick(now=31.0) and w.ms == 12
+    assert w.tick(now=62.0) and w.ms == 9
+    w.missed(now=63.0)
+    assert w.ms == 16
+
+
+def test_the_fetch_wait_never_narrows_below_its_floor() -> None:
+    w = FetchWait(floor_ms=1, decay_s=1)
+    w.missed(now=0.0)
+    for t in range(2, 20, 2):
+        w.tick(now=float(t))
+    assert w.ms == 1
