@@ -144,6 +144,15 @@ def number_batch(
     return out
 
 
+def raised(lasts: dict[str, int], accepted: Sequence[tuple[InboundMessage, str]]) -> dict[str, int]:
+    """Each conversation's last seq after numbering ``accepted`` on top of ``lasts``
+    (the form :func:`number_batch` takes)."""
+    out = dict(lasts)
+    for _, conv in accepted:
+        out[conv] = out.get(conv, 0) + 1
+    return out
+
+
 def ack_for(msg: StoredMessage) -> Frame:
     """The ack frame of a stored message (the same for its first copy and every retry)."""
     return ack_frame(msg.id, msg.message_id, msg.conversation, msg.seq, msg.ts)
@@ -175,6 +184,38 @@ def advance(current: Offsets, status: Literal["delivered", "read"], up_to: int) 
     """Move offsets forward only; reading up to n means having received up to n too."""
     read = max(current.read, up_to) if status == "read" else current.read
     return Offsets(delivered=max(current.delivered, up_to, read), read=read)
+
+
+class OffsetCache:
+    """Delivered and read offsets this process owns, so a receipt costs no database read.
+
+    Offsets of a conversation only move through the consumer that owns its
+    partition (receipts travel keyed by conversation), so what this process
+    read or wrote stays true until its partitions change (``clear``) or the
+    user events remove a device's queue (``drop``). A miss is not an answer:
+    the caller reads the store and ``put``s what it found (absent = zero).
+    """
+
+    def __init__(self, max_entries: int = 1_000_000):
+        self.max_entries = max_entries
+        self.devices: dict[tuple[str, str, str], Offsets] = {}
+        self.users: dict[tuple[str, str], Offsets] = {}
+
+    def put(self, devices: dict[tuple[str, str, str], Offsets], users: dict[tuple[str, str], Offsets]) -> None:
+        if len(self.devices) + len(self.users) + len(devices) + len(users) > self.max_entries:
+            self.clear()  # forgetting only costs reads
+        self.devices.update(devices)
+        self.users.update(users)
+
+    def drop(self, user_id: str, device_id: str | None = None) -> None:
+        """Forget one device's offsets (or every device of a user)."""
+        gone = [k for k in self.devices if k[0] == user_id and device_id in (None, k[1])]
+        for k in gone:
+            del self.devices[k]
+
+    def clear(self) -> None:
+        self.devices.clear()
+        self.users.clear()
 
 
 @dataclass

@@ -5,12 +5,17 @@ Collections (all in the shared database, names owned by this service):
 - ``messages``: one document per message, ``_id`` = message id. Unique
   ``(conversation, seq)`` (history and replay are bounded seq ranges on it)
   and unique ``(id, from)`` (the sender's client id: idempotent retries).
-- ``conversation_counters``: ``_id`` = conversation, ``last_seq`` (the last
-  seq handed out) and, for groups, ``last`` = ``{seq, ts, message}`` of the
-  newest stored message (raised with ``$max``, so it never goes back).
-- ``user_conversations``: one document per (user, dm conversation) with the
-  peer and ``last`` as above: a user's dms in one indexed query. Group
-  conversations of a user come from ``member_ranges`` instead, so a group
+- ``conversations``: one document per conversation, ``_id`` = conversation:
+  ``last_seq`` (the newest stored seq) and ``last`` = ``{seq, ts, message}``
+  of the newest message (both raised with ``$max``, so they never go back),
+  and for a dm its two ``members`` (a user's dms are one indexed query). It
+  is written once per batch per conversation, with the journal (``j=True``):
+  that write is what makes the batch's messages durable before any ack
+  (WiredTiger's log is sequential, so syncing it syncs the messages inserted
+  just before). A crash between the insert and this write leaves messages
+  above ``last_seq``; :meth:`PersistenceStore.load_lasts` finds and repairs
+  them before numbering again. Seqs are handed out in memory from there.
+  Group conversations of a user come from ``member_ranges``, so a group
   message costs no per-member write.
 - ``member_ranges``: per (group, user) membership the seqs the user may read
   (``from_seq`` at joining, ``to_seq`` at removal, None while a member).
@@ -28,26 +33,27 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from chatlib.mongo import Index, find_in, journaled
+from chatlib.concurrent import run_together
+from chatlib.mongo import Index, chunked, find_in, journaled
 from chatlib.schemas import StoredMessage
-from pymongo import InsertOne, ReturnDocument, UpdateOne
+from pymongo import InsertOne, UpdateOne
 from pymongo.database import Database
+from pymongo.errors import BulkWriteError
 
 from .logic import Interval, KnownUser, MemberRange, Offsets, parties
 
 logger = logging.getLogger(__name__)
 
 MESSAGES = "messages"
-COUNTERS = "conversation_counters"
-USER_CONVERSATIONS = "user_conversations"
+CONVERSATIONS = "conversations"
+#: Before ``conversations``: counters (and group lasts), and dm lasts per user (migrated at start).
+OLD_COUNTERS = "conversation_counters"
+OLD_USER_CONVERSATIONS = "user_conversations"
 RANGES = "member_ranges"
 DEVICE_OFFSETS = "device_offsets"
 USER_OFFSETS = "user_offsets"
 USERS = "persistence_users"
 MUTES = "mutes"
-
-#: How far back the counter repair looks for stored messages (more than one poll's worth).
-REPAIR_WINDOW = 2000
 
 
 def _key(*parts: str) -> str:
@@ -102,13 +108,17 @@ def _range_filter(conversation: str, intervals: Iterable[Interval]) -> list[dict
     return [{"conversation": conversation, "seq": {"$gte": lo, "$lte": hi}} for lo, hi in intervals]
 
 
+class SeqTaken(Exception):
+    """A seq this process handed out is taken already: another process numbered in the conversation."""
+
+
 class PersistenceStore:
     """Every query of persistence."""
 
     INDEXES = [
         Index(MESSAGES, [("conversation", 1), ("seq", 1)], unique=True),
         Index(MESSAGES, [("id", 1), ("from", 1)], unique=True),
-        Index(USER_CONVERSATIONS, [("user_id", 1)]),
+        Index(CONVERSATIONS, [("members", 1)]),
         Index(RANGES, [("user_id", 1), ("conversation", 1)]),
         Index(RANGES, [("conversation", 1)]),
         Index(DEVICE_OFFSETS, [("user_id", 1), ("device_id", 1)]),
@@ -118,17 +128,42 @@ class PersistenceStore:
 
     def __init__(self, db: Database[dict[str, Any]]):
         self.db = db
-        # What an ack promises lives here: these writes wait for the journal (on top of
-        # the URL's w=...), so a database crash cannot lose an acknowledged message,
-        # reissue its seq, or hide it from history. The rest (offsets, mutes) may lag.
-        self.messages = journaled(db[MESSAGES])
-        self.counters = journaled(db[COUNTERS])
-        self.user_conversations = journaled(db[USER_CONVERSATIONS])
+        self.messages = db[MESSAGES]
+        # The one journaled write of a message batch (see the module docstring): an ack
+        # is sent only after it, so a database crash cannot lose an acknowledged message.
+        self.conversations = journaled(db[CONVERSATIONS])
         self.ranges = journaled(db[RANGES])  # who may read what
         self.device_offsets = db[DEVICE_OFFSETS]
         self.user_offsets = db[USER_OFFSETS]
         self.users = db[USERS]
         self.mutes = journaled(db[MUTES])
+
+    def migrate(self) -> int:
+        """Build ``conversations`` from the collections that held the same facts before; idempotent.
+
+        Returns the number of conversations written. Runs at start; a store
+        that never had the old collections does nothing.
+        """
+        if self.conversations.estimated_document_count() > 0:
+            return 0
+        docs: dict[str, dict[str, Any]] = {}
+        for d in self.db[OLD_COUNTERS].find():
+            doc = docs.setdefault(d["_id"], {"_id": d["_id"], "last_seq": 0})
+            doc["last_seq"] = max(doc["last_seq"], int(d.get("last_seq", 0)))
+            if d.get("last"):
+                doc["last"] = d["last"]
+        for d in self.db[OLD_USER_CONVERSATIONS].find():
+            doc = docs.setdefault(d["conversation"], {"_id": d["conversation"], "last_seq": 0})
+            doc["members"] = parties(d["conversation"])
+            if d.get("last") and int(d["last"].get("seq", 0)) >= int(doc.get("last", {}).get("seq", 0)):
+                doc["last"] = d["last"]
+        for doc in docs.values():
+            doc["last_seq"] = max(doc["last_seq"], int(doc.get("last", {}).get("seq", 0)))
+        if docs:
+            ops = [UpdateOne({"_id": k}, {"$setOnInsert": v}, upsert=True) for k, v in docs.items()]
+            self.conversations.bulk_write(ops, ordered=False)
+            logger.info("migrated %d conversations to %s", len(docs), CONVERSATIONS)
+        return len(docs)
 
     # -- messages ----------------------------------------------------------
 
@@ -145,48 +180,60 @@ class PersistenceStore:
                 out[key] = _to_message(doc)
         return out
 
-    def reserve_seqs(self, conversation: str, count: int) -> int:
-        """Raise the conversation's counter by ``count``; returns the new last seq."""
-        doc = self.counters.find_one_and_update(
-            {"_id": conversation},
-            {"$inc": {"last_seq": count}},
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
-        )
-        assert doc is not None  # an upsert returning the document after the update
-        return int(doc["last_seq"])
+    def load_lasts(self, conversations: Iterable[str]) -> dict[str, int]:
+        """The newest stored seq of each conversation (0 for a new one), where numbering goes on.
 
-    def repair_counter(self, conversation: str) -> None:
-        """Lower the counter to the highest stored seq if a crash left it ahead.
-
-        Seqs are reserved before the messages are written; a process that died
-        in between left the counter above the stored messages. Lowering it
-        again (only ever the seqs never written) keeps seqs dense.
+        Normally that is the conversation's ``last_seq``. A process that died
+        between inserting a batch and advancing its conversations left
+        messages above it: they are found with one bounded index range per
+        conversation and the conversation is advanced to them first.
         """
-        doc = self.counters.find_one({"_id": conversation}, {"last_seq": 1})
-        if doc is None:
-            return
-        last = int(doc.get("last_seq", 0))
-        if last <= 0:
-            return
-        lo = max(0, last - REPAIR_WINDOW)
-        present = [
-            int(d["seq"])
-            for d in self.messages.find({"conversation": conversation, "seq": {"$gt": lo, "$lte": last}}, {"seq": 1})
-        ]
-        if present:
-            actual = max(present)
-        elif lo == 0:
-            actual = 0
-        else:
-            return  # nothing in the window: not a crash gap, leave it
-        if actual < last:
-            logger.warning("conversation counter ahead of stored messages; lowering %d -> %d", last, actual)
-            self.counters.update_one({"_id": conversation, "last_seq": last}, {"$set": {"last_seq": actual}})
+        convs = sorted(set(conversations))
+        if not convs:
+            return {}
+        lasts = {
+            d["_id"]: int(d.get("last_seq", 0))
+            for d in find_in(self.conversations, "_id", convs, projection={"last_seq": 1})
+        }
+        out = {c: lasts.get(c, 0) for c in convs}
+        above: dict[str, StoredMessage] = {}
+        for part in chunked(convs):
+            query = {"$or": [{"conversation": c, "seq": {"$gt": out[c]}} for c in part]}
+            for doc in self.messages.find(query):
+                m = _to_message(doc)
+                if m.conversation not in above or m.seq > above[m.conversation].seq:
+                    above[m.conversation] = m
+        if above:
+            logger.warning("%d conversations behind their stored messages (a crash mid-batch): repaired", len(above))
+            self.save_conversations(list(above.values()))
+            out.update({c: m.seq for c, m in above.items()})
+        return out
 
-    def insert_messages(self, messages: list[StoredMessage]) -> None:
-        if messages:
+    def insert_new(self, messages: list[StoredMessage]) -> tuple[int, bool]:
+        """Insert ``messages`` in order, up to the first that repeats a stored one (same sender and
+        client id): how many went in, and whether it stopped at such a repeat.
+
+        Not journaled by itself: :meth:`save_conversations` follows. Raises
+        :class:`SeqTaken` if a seq is taken already (someone else numbered in
+        the conversation).
+        """
+        if not messages:
+            return 0, False
+        try:
             self.messages.insert_many([_message_doc(m) for m in messages], ordered=True)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors") or [{}]
+            first = errors[0]
+            if first.get("code") != 11000:
+                raise
+            index_name = str(first.get("errmsg", ""))
+            pattern = first.get("keyPattern") or {}
+            if "seq" in pattern or "conversation_1_seq_1" in index_name:
+                raise SeqTaken(str(first.get("keyValue", ""))) from exc
+            if "id" in pattern or "id_1_from_1" in index_name:
+                return int(first.get("index", 0)), True
+            raise
+        return len(messages), False
 
     def get_messages(self, conversation: str, intervals: list[Interval]) -> list[StoredMessage]:
         """Messages with seq in the intervals, in seq order (one bounded index range per interval)."""
@@ -207,66 +254,49 @@ class PersistenceStore:
             for flt in _range_filter(conversation, intervals)
         )
 
-    # -- last-message pointers ----------------------------------------------
+    # -- conversations --------------------------------------------------------
 
-    def set_last_messages(self, messages: Iterable[StoredMessage]) -> None:
-        """Point each conversation (dm: both parties' entries; group: its counter) at its newest message."""
+    def save_conversations(self, messages: Iterable[StoredMessage]) -> None:
+        """Advance each conversation to its newest message in ``messages``: one journaled bulk write."""
         newest: dict[str, StoredMessage] = {}
         for m in messages:
             if m.conversation not in newest or m.seq > newest[m.conversation].seq:
                 newest[m.conversation] = m
-        dm_ops: list[Any] = []
-        group_ops: list[Any] = []
+        ops: list[Any] = []
         for conv, m in newest.items():
-            if m.group is not None:
-                group_ops.append(UpdateOne({"_id": conv}, {"$max": {"last": _last_of(m)}}, upsert=True))
-                continue
-            a, b = parties(conv)
-            for user, peer in ((a, b), (b, a)):
-                dm_ops.append(
-                    UpdateOne(
-                        {"_id": _key(user, conv)},
-                        {
-                            "$max": {"last": _last_of(m)},
-                            "$setOnInsert": {"user_id": user, "conversation": conv, "peer": peer},
-                        },
-                        upsert=True,
-                    )
-                )
-        if dm_ops:
-            self.user_conversations.bulk_write(dm_ops, ordered=False)
-        if group_ops:
-            self.counters.bulk_write(group_ops, ordered=False)
+            insert: dict[str, Any] = {"members": parties(conv)} if m.group is None else {}
+            update: dict[str, Any] = {"$max": {"last_seq": m.seq, "last": _last_of(m)}}
+            if insert:
+                update["$setOnInsert"] = insert
+            ops.append(UpdateOne({"_id": conv}, update, upsert=True))
+        if ops:
+            self.conversations.bulk_write(ops, ordered=False)
 
-    def get_dm_conversations(self, user_id: str) -> list[dict[str, Any]]:
-        """The user's dm entries: ``{conversation, peer, last: {seq, ts, message}}``."""
-        return list(self.user_conversations.find({"user_id": user_id}))
-
-    def get_dm_lasts(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        """Last stored seq of dm conversations as seen by (user, conversation)."""
-        ids = sorted({_key(u, c) for u, c in pairs})
-        if not ids:
-            return {}
-        return {
-            (d["user_id"], d["conversation"]): int(d.get("last", {}).get("seq", 0))
-            for d in find_in(self.user_conversations, "_id", ids)
-        }
-
-    def get_group_lasts(self, conversations: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """``{conversation: {seq, ts, message}}`` of the newest stored message of each group conversation."""
+    def get_lasts(self, conversations: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """``{conversation: {seq, ts, message}}``: the newest stored message of each (absent: none yet)."""
         ids = sorted(set(conversations))
         if not ids:
             return {}
-        docs = find_in(self.counters, "_id", ids, projection={"last": 1})
+        docs = find_in(self.conversations, "_id", ids, projection={"last": 1})
         return {d["_id"]: d["last"] for d in docs if d.get("last")}
+
+    def get_dm_conversations(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's dms: ``{conversation, peer, last: {seq, ts, message}}``."""
+        out = []
+        for d in self.conversations.find({"members": user_id}, {"members": 1, "last": 1}):
+            peers = [u for u in d.get("members", []) if u != user_id]
+            out.append({"conversation": d["_id"], "peer": peers[0] if peers else user_id, "last": d.get("last", {})})
+        return out
 
     def get_dm_peers(self, user_ids: Iterable[str]) -> dict[str, set[str]]:
         """Everyone each user shares a dm with."""
         ids = sorted(set(user_ids))
         out: dict[str, set[str]] = {u: set() for u in ids}
-        if ids:
-            for d in find_in(self.user_conversations, "user_id", ids, projection={"user_id": 1, "peer": 1}):
-                out[d["user_id"]].add(d["peer"])
+        for d in find_in(self.conversations, "members", ids, projection={"members": 1}):
+            members = d.get("members", [])
+            for u in members:
+                if u in out:
+                    out[u].update(m for m in members if m != u)
         return out
 
     # -- member ranges ---------------------------------------------------------
@@ -360,10 +390,12 @@ class PersistenceStore:
             )
             for (u, c), o in users.items()
         ]
+        writes = []
         if dev_ops:
-            self.device_offsets.bulk_write(dev_ops, ordered=False)
+            writes.append(lambda: self.device_offsets.bulk_write(dev_ops, ordered=False))
         if user_ops:
-            self.user_offsets.bulk_write(user_ops, ordered=False)
+            writes.append(lambda: self.user_offsets.bulk_write(user_ops, ordered=False))
+        run_together(*writes)  # independent: one round trip's time, not two
 
     def delete_device_offsets(self, user_id: str, device_id: str | None = None) -> int:
         """Drop a device's offsets (its queue), or every device offset of a user."""

@@ -9,16 +9,16 @@ from typing import Any
 from chatlib.schemas import Event, GroupChanged, StoredMessage
 
 from services.persistence.logic import Interval, KnownUser, MemberRange, Offsets, parties
+from services.persistence.storage import SeqTaken
 
 
 class FakeStore:
-    """Dict-backed PersistenceStore with the same rules (unique keys, $max offsets, $inc counters)."""
+    """Dict-backed PersistenceStore with the same rules (unique keys, $max offsets and lasts)."""
 
     def __init__(self) -> None:
         self.messages: dict[tuple[str, int], StoredMessage] = {}
-        self.counters: dict[str, int] = {}
-        self.group_last: dict[str, dict[str, Any]] = {}
-        self.user_conversations: dict[tuple[str, str], dict[str, Any]] = {}
+        #: conversation -> {"last_seq", "last": {seq, ts, message}, "members" (dms)}
+        self.conversations: dict[str, dict[str, Any]] = {}
         self.ranges: dict[str, MemberRange] = {}
         self.device_offsets: dict[tuple[str, str, str], Offsets] = {}
         self.user_offsets: dict[tuple[str, str], Offsets] = {}
@@ -40,25 +40,33 @@ class FakeStore:
         wanted = set(keys)
         return {(m.sender, m.id): m for m in self.messages.values() if (m.sender, m.id) in wanted}
 
-    def reserve_seqs(self, conversation: str, count: int) -> int:
-        self._step("reserve_seqs")
-        self.counters[conversation] = self.counters.get(conversation, 0) + count
-        return self.counters[conversation]
+    def migrate(self) -> int:
+        return 0
 
-    def repair_counter(self, conversation: str) -> None:
-        self._step("repair_counter")
-        stored = [s for c, s in self.messages if c == conversation]
-        if conversation in self.counters:
-            self.counters[conversation] = max(stored, default=0)
+    def load_lasts(self, conversations: Iterable[str]) -> dict[str, int]:
+        self._step("load_lasts")
+        out = {}
+        for conv in set(conversations):
+            last = self.conversations.get(conv, {}).get("last_seq", 0)
+            above = [m for (c, seq), m in self.messages.items() if c == conv and seq > last]
+            if above:
+                newest = max(above, key=lambda m: m.seq)
+                self.save_conversations([newest])
+                last = newest.seq
+            out[conv] = last
+        return out
 
-    def insert_messages(self, messages: list[StoredMessage]) -> None:
-        self._step("insert_messages")
+    def insert_new(self, messages: list[StoredMessage]) -> tuple[int, bool]:
+        self._step("insert_new")
         keys = {(m.sender, m.id) for m in self.messages.values()}
-        for m in messages:
-            if (m.conversation, m.seq) in self.messages or (m.sender, m.id) in keys:
-                raise RuntimeError("duplicate key")
+        for i, m in enumerate(messages):
+            if (m.sender, m.id) in keys:
+                return i, True
+            if (m.conversation, m.seq) in self.messages:
+                raise SeqTaken(f"{m.conversation} {m.seq}")
             self.messages[(m.conversation, m.seq)] = m
             keys.add((m.sender, m.id))
+        return len(messages), False
 
     def get_messages(self, conversation: str, intervals: list[Interval]) -> list[StoredMessage]:
         out = [
@@ -72,38 +80,37 @@ class FakeStore:
     def count_from_others(self, conversation: str, intervals: list[Interval], user_id: str) -> int:
         return sum(1 for m in self.get_messages(conversation, intervals) if m.sender != user_id)
 
-    # -- last pointers
-    def set_last_messages(self, messages: Iterable[StoredMessage]) -> None:
-        self._step("set_last_messages")
+    # -- conversations
+    def save_conversations(self, messages: Iterable[StoredMessage]) -> None:
+        self._step("save_conversations")
         for m in messages:
-            last = {"seq": m.seq, "ts": m.ts, "message": m.frame()}
-            if m.group is not None:
-                if m.seq > self.group_last.get(m.conversation, {}).get("seq", 0):
-                    self.group_last[m.conversation] = last
-                continue
-            a, b = parties(m.conversation)
-            for user, peer in ((a, b), (b, a)):
-                doc = self.user_conversations.setdefault(
-                    (user, m.conversation), {"user_id": user, "conversation": m.conversation, "peer": peer}
-                )
-                if m.seq > doc.get("last", {}).get("seq", 0):
-                    doc["last"] = last
+            doc = self.conversations.setdefault(m.conversation, {"last_seq": 0})
+            if m.group is None:
+                doc.setdefault("members", parties(m.conversation))
+            doc["last_seq"] = max(doc["last_seq"], m.seq)
+            if m.seq > doc.get("last", {}).get("seq", 0):
+                doc["last"] = {"seq": m.seq, "ts": m.ts, "message": m.frame()}
+
+    def get_lasts(self, conversations: Iterable[str]) -> dict[str, dict[str, Any]]:
+        return {c: self.conversations[c]["last"] for c in conversations if "last" in self.conversations.get(c, {})}
 
     def get_dm_conversations(self, user_id: str) -> list[dict[str, Any]]:
-        return [dict(d) for (u, _), d in self.user_conversations.items() if u == user_id]
-
-    def get_dm_lasts(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        return {p: self.user_conversations[p]["last"]["seq"] for p in pairs if p in self.user_conversations}
-
-    def get_group_lasts(self, conversations: Iterable[str]) -> dict[str, dict[str, Any]]:
-        return {c: self.group_last[c] for c in conversations if c in self.group_last}
+        out = []
+        for conv, doc in self.conversations.items():
+            members = doc.get("members", [])
+            if user_id in members:
+                peer = next((u for u in members if u != user_id), user_id)
+                out.append({"conversation": conv, "peer": peer, "last": doc.get("last", {})})
+        return out
 
     def get_dm_peers(self, user_ids: Iterable[str]) -> dict[str, set[str]]:
         ids = set(user_ids)
         out: dict[str, set[str]] = {u: set() for u in ids}
-        for (u, _), d in self.user_conversations.items():
-            if u in ids:
-                out[u].add(d["peer"])
+        for doc in self.conversations.values():
+            members = doc.get("members", [])
+            for u in members:
+                if u in ids:
+                    out[u].update(x for x in members if x != u)
         return out
 
     # -- ranges

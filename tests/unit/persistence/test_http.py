@@ -35,7 +35,7 @@ def test_conversation_list_newest_first_with_unread_from_others_only(svc: Persis
     svc.on_inbound([dm(sender="alice", to="bob", cid="a1")])  # 4 from alice
     svc.on_inbound([dm(sender="alice", to="bob", cid="a1")])
     svc.on_inbound([receipt("alice", AB, "read", 1)])
-    svc.store.user_conversations[("alice", AB)]["last"]["ts"] = 1  # type: ignore[attr-defined]  # older activity
+    svc.store.conversations[AB]["last"]["ts"] = 1  # type: ignore[attr-defined]  # older activity
     svc.on_inbound([dm(sender="carol", to="alice", cid="c1")])
     body = get(client, "/v1/conversations").get_json()
     convs = body["conversations"]

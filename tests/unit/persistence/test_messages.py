@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from chatlib.kafka import RetryBatch
 from chatlib.schemas import Deliver, MessageStored, UserRegistered, UserUnregistered, dm_conversation
 from kafka.errors import KafkaTimeoutError
 
@@ -131,7 +132,7 @@ def test_same_client_id_from_two_senders_are_two_messages(svc: Persistence) -> N
 # -- seq assignment ----------------------------------------------------------------------------
 
 
-def test_seqs_are_dense_per_conversation_in_batch_order_with_one_reservation_each(svc: Persistence) -> None:
+def test_seqs_are_dense_per_conversation_in_batch_order_numbered_in_memory(svc: Persistence) -> None:
     batch = [
         dm(cid="1"),
         dm(to="carol", cid="2"),
@@ -143,10 +144,15 @@ def test_seqs_are_dense_per_conversation_in_batch_order_with_one_reservation_eac
     got = [(m.id, m.conversation, m.seq) for m in stored(svc)]
     ac = dm_conversation("alice", "carol")
     assert sorted(got) == [("1", AB, 1), ("2", ac, 1), ("3", AB, 2), ("4", AB, 3), ("5", ac, 2)]
-    assert svc.store.calls.count("reserve_seqs") == 2  # type: ignore[attr-defined]
-    assert svc.store.calls.count("insert_messages") == 1  # type: ignore[attr-defined]
+    # one load of both conversations' last seqs, one insert, one journaled conversations write
+    assert svc.store.calls == [  # type: ignore[attr-defined]
+        "load_lasts",
+        "insert_new",
+        "save_conversations",
+    ]
     svc.on_inbound([dm(cid="6")])
     assert stored(svc)[-1].seq == 4
+    assert svc.store.calls.count("load_lasts") == 1  # type: ignore[attr-defined]  # known from now on
 
 
 def test_message_ids_are_opaque_and_unique(svc: Persistence) -> None:
@@ -158,7 +164,7 @@ def test_message_ids_are_opaque_and_unique(svc: Persistence) -> None:
 def test_crash_between_reserving_and_writing_leaves_no_gap() -> None:
     svc = make_service()
     svc.on_inbound([dm(cid="1")])
-    svc.store.fail_at = "insert_messages"  # type: ignore[attr-defined]
+    svc.store.fail_at = "insert_new"  # type: ignore[attr-defined]
     try:
         svc.on_inbound([dm(cid="2"), dm(cid="3")])
     except RuntimeError:
@@ -168,7 +174,7 @@ def test_crash_between_reserving_and_writing_leaves_no_gap() -> None:
     again.on_inbound([dm(cid="2"), dm(cid="3")])
     assert [m.seq for m in stored(svc)] == [1, 2, 3]
     # and the same process retrying a failed poll does not leave a gap either
-    again.store.fail_at = "insert_messages"  # type: ignore[attr-defined]
+    again.store.fail_at = "insert_new"  # type: ignore[attr-defined]
     try:
         again.on_inbound([dm(cid="4")])
     except RuntimeError:
@@ -179,7 +185,7 @@ def test_crash_between_reserving_and_writing_leaves_no_gap() -> None:
 
 def test_crash_after_writing_before_announcing_is_announced_on_redelivery() -> None:
     svc = make_service()
-    svc.store.fail_at = "set_last_messages"  # type: ignore[attr-defined]
+    svc.store.fail_at = "save_conversations"  # type: ignore[attr-defined]
     try:
         svc.on_inbound([dm(cid="1"), dm(cid="2")])
     except RuntimeError:
@@ -253,3 +259,58 @@ def test_users_projection_is_cached_and_the_cache_follows_unregistration(svc: Pe
     svc.on_inbound([dm(cid="3")])
     assert [m.id for m in stored(svc)] == ["1", "2"]
     assert frames_to(svc, "alice", kind="error")[0]["ref"] == "3"
+
+
+def test_messages_numbered_elsewhere_make_the_batch_start_over_from_the_database() -> None:
+    svc = make_service()
+    svc.on_inbound([dm(cid="1")])
+    # Another persistence process owned the conversation for a while (a rebalance) and stored seq 2.
+    other = Persistence(svc.config, store=svc.store, publisher=svc.publisher, groups=svc.groups)
+    other.on_inbound([dm(cid="2")])
+    with pytest.raises(RetryBatch):
+        svc.on_inbound([dm(cid="3")])  # seq 2 again: the unique index refuses it
+    svc.on_inbound([dm(cid="3")])  # the consumer retries the same poll
+    assert [(m.id, m.seq) for m in stored(svc)] == [("1", 1), ("2", 2), ("3", 3)]
+
+
+def test_a_crash_between_the_insert_and_the_journaled_write_is_repaired_before_numbering() -> None:
+    svc = make_service()
+    svc.on_inbound([dm(cid="1")])
+    svc.store.fail_at = "save_conversations"  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError):
+        svc.on_inbound([dm(cid="2"), dm(cid="3")])
+    assert svc.store.conversations[AB]["last_seq"] == 1  # type: ignore[attr-defined]  # behind its messages
+    again = Persistence(svc.config, store=svc.store, publisher=svc.publisher, groups=svc.groups)
+    again.on_inbound([dm(cid="4")])  # another client's message first: numbered after the repaired last
+    assert svc.store.conversations[AB]["last_seq"] == 4  # type: ignore[attr-defined]
+    assert [m.seq for m in stored(svc) if m.id == "4"] == [4]
+
+
+def test_a_rebalance_forgets_the_last_seqs_this_process_knew(svc: Persistence) -> None:
+    svc.on_inbound([dm(cid="1")])
+    svc.forget_owned_state()
+    svc.on_inbound([dm(cid="2")])
+    assert svc.store.calls.count("load_lasts") == 2  # type: ignore[attr-defined]
+    assert [m.seq for m in stored(svc)] == [1, 2]
+
+
+def test_a_retry_in_the_middle_of_a_batch_is_acked_with_its_stored_copy_and_the_rest_stay_dense(
+    svc: Persistence,
+) -> None:
+    svc.on_inbound([dm(cid="old")])
+    svc.publisher.clear()  # type: ignore[attr-defined]
+    svc.on_inbound([dm(cid="new1"), dm(cid="old", body="again"), dm(cid="new2")])
+    assert [(m.id, m.seq) for m in stored(svc)] == [("new1", 2), ("new2", 3)]
+    acks = {a["id"]: a["seq"] for a in frames_to(svc, "alice", kind="ack")}
+    assert acks == {"new1": 2, "old": 1, "new2": 3}
+    assert len(svc.store.messages) == 3  # type: ignore[attr-defined]
+
+
+def test_a_retry_refused_now_is_still_acked_when_it_was_stored_before(svc: Persistence) -> None:
+    set_group(svc, ["alice", "bob"], ts=100)
+    svc.on_inbound([gmsg("bob", cid="b1")])
+    set_group(svc, ["alice"], ts=200)  # bob left before his retry came
+    svc.publisher.clear()  # type: ignore[attr-defined]
+    svc.on_inbound([gmsg("bob", cid="b1")])
+    assert frames_to(svc, "bob", kind="error") == []
+    assert [a["seq"] for a in frames_to(svc, "bob", kind="ack")] == [1]
