@@ -58,6 +58,8 @@ class Bench:
         self.connected: set[int] = set()
         self.floor_p50: float | None = None
         self.setup: dict[str, Any] = {}
+        #: tag -> (messages, arrivals) still expected: a later phase waits for them first
+        self.outstanding: dict[str, tuple[int, int | None]] = {}
 
     # -- helpers ------------------------------------------------------------
 
@@ -168,16 +170,51 @@ class Bench:
 
     def wait_for(self, tag: str, ids: int, budget_s: float, arrivals: int | None = None) -> dict[str, Any]:
         """Poll the workers until ``ids`` messages of ``tag`` arrived and were acked, or ``budget_s`` ends."""
+        self.outstanding[tag] = (ids, arrivals)
         deadline = time.monotonic() + budget_s
         while True:
             p = self.pool.progress(tag)
             done = p.get("ids", 0) >= ids and p.get("acks", 0) >= ids
             if arrivals is not None:
                 done = done and p.get("arrivals", 0) >= arrivals
+            if done:
+                self.outstanding.pop(tag, None)
             if done or time.monotonic() >= deadline:
                 p["complete"] = done
                 return p
             time.sleep(0.25)
+
+    def quiesce(self) -> dict[str, Any]:
+        """Before a phase: wait (at most --quiet-budget s) for what earlier phases left undelivered.
+
+        A phase that starts on a backlog measures the backlog; when the wait
+        runs out the phase still runs, and its result says how many earlier
+        messages were still on their way.
+        """
+        if not self.outstanding:
+            return {}
+        started = time.monotonic()
+        deadline = started + self.args.quiet_budget
+        while True:
+            missing = 0
+            for tag, (ids, arrivals) in list(self.outstanding.items()):
+                p = self.pool.progress(tag)
+                left = max(0, ids - p.get("ids", 0)) + max(0, ids - p.get("acks", 0))
+                if arrivals is not None:
+                    left = max(left, arrivals - p.get("arrivals", 0))
+                if left == 0:
+                    self.outstanding.pop(tag)
+                missing += left
+            if missing == 0 or time.monotonic() >= deadline:
+                waited = round(time.monotonic() - started, 1)
+                if missing:
+                    self.say(f"  {missing} earlier messages, acks or deliveries still missing after {waited} s")
+                    self.outstanding.clear()  # counted once, in this phase's result
+                    return {"waited_for_earlier_s": waited, "earlier_missing": missing}
+                if waited >= 1:
+                    self.say(f"  waited {waited} s for earlier messages to arrive")
+                return {"waited_for_earlier_s": waited}
+            time.sleep(0.5)
 
     # -- phases ---------------------------------------------------------------------
 
@@ -307,7 +344,9 @@ class Bench:
             profile = self.args.profile and rate == self.args.profile_rate
             name = f"{rate:g} msgs/s"
             self.say(f"== ladder: {name} for {self.args.seconds:g} s" + (" (profiled)" if profile else ""))
+            quiet = self.quiesce()
             r = self.open_loop(name, self.tag(f"L{rate:g}"), rate, self.args.seconds, profile)
+            r.update(quiet)
             steps.append(r)
             self.print_result(r)
             p99 = r["latency_ms"]["p99"]

@@ -74,6 +74,13 @@ def short(r: dict[str, Any]) -> str:
     return {"one": "one at a time", "catchup": "catch-up"}.get(r["phase"], r["phase"])
 
 
+def earlier_text(r: dict[str, Any]) -> str:
+    return (
+        f"started on a backlog: {r['earlier_missing']} messages, acks or deliveries of earlier phases still "
+        f"missing after waiting {r['waited_for_earlier_s']:g} s"
+    )
+
+
 def errors_text(errors: dict[str, int] | None) -> str:
     if not errors:
         return "0"
@@ -106,6 +113,8 @@ def phase_lines(r: dict[str, Any]) -> list[str]:
     out.append(f"{r['name']}: {', '.join(counts)} — {status}")
     if r.get("note"):
         out.append(f"  note: {r['note']}")
+    if r.get("earlier_missing"):
+        out.append(f"  note: {earlier_text(r)}")
     if r["phase"] == "catchup":
         out.append(
             f"  all {r['delivered']} in {num(r['seconds_to_all'])} s (in seq order: {r['in_order']}); "
@@ -272,6 +281,7 @@ def markdown(run: dict[str, Any], images: dict[str, str]) -> str:
             rows,
         )
         notes = [f"- {p['name']}: {p['note']}" for p in msg if p.get("note")]
+        notes += [f"- {p['name']}: {earlier_text(p)}" for p in msg if p.get("earlier_missing")]
         notes += [
             f"- {p['name']}: {p['delivered_after_phase']} more arrived after the phase was reported"
             for p in msg

@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain", type=float, default=30, help="seconds a phase waits for late messages after sending")
     p.add_argument("--pause", type=float, default=2, help="seconds between ladder steps")
     p.add_argument("--settle", type=float, default=3, help="seconds of quiet before idle and other phases")
+    p.add_argument(
+        "--quiet-budget", type=float, default=60, help="seconds a phase waits for earlier phases' late messages"
+    )
     p.add_argument("--floor-count", type=int, default=300, help="ping round trips (40/s)")
     p.add_argument("--idle-seconds", type=float, default=20)
     p.add_argument("--one-count", type=int, default=200, help="messages sent one at a time")
@@ -167,50 +170,45 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_phases(bench: Bench, args: argparse.Namespace, run: dict[str, Any]) -> None:
+    """Accounts and the 1-to-1 sockets first, then each chosen phase in the order of PHASES.
+
+    A phase that raises is recorded with its traceback and the run goes on:
+    one broken phase must not lose the figures of the others.
+    """
     chosen = set(args.phases)
     pairs = args.users - args.users % 2
-    needed = pairs
-    if "group" in chosen:
-        needed = max(needed, args.group_members)
+    needed = max(pairs, args.group_members) if "group" in chosen else pairs
     bench.sign_up(needed, 2 if "catchup" in chosen else 0)
     print(f"connecting {pairs} 1-to-1 sockets over {args.workers} workers...", flush=True)
     bench.setup["connect"] = bench.connect(bench.pair_sids(), "pairs")
     bench.setup["warm_up"] = bench.warm_up()
-
-    def phase(name: str, fn: Any) -> None:
+    steps = {
+        "floor": bench.floor,
+        "idle": bench.idle,
+        "one": bench.one_at_a_time,
+        "ladder": bench.ladder,
+        "group": bench.group,
+        "catchup": bench.catch_up,
+    }
+    for name in PHASES:
+        if name not in chosen:
+            continue
         print(f"== {name}", flush=True)
+        quiet = bench.quiesce() if name != "ladder" else {}  # the ladder waits before each step
         try:
-            result = fn()
+            result = steps[name]()
         except KeyboardInterrupt:
             raise
         except Exception:
             result = {"phase": name, "name": name, "error": traceback.format_exc()}
-        if isinstance(result, dict):
+        if name == "ladder" and isinstance(result, tuple):
+            run["phases"] += result[0]
+            run["ladder"] = result[1]
+        else:
+            result.update(quiet)
             run["phases"].append(result)
             bench.print_result(result)
         time.sleep(args.pause)
-
-    if "floor" in chosen:
-        phase("floor", bench.floor)
-    if "idle" in chosen:
-        phase("idle", bench.idle)
-    if "one" in chosen:
-        phase("one", bench.one_at_a_time)
-    if "ladder" in chosen:
-        try:
-            steps, summary = bench.ladder()
-            run["phases"] += steps
-            run["ladder"] = summary
-        except KeyboardInterrupt:
-            raise
-        except Exception:
-            run["phases"].append({"phase": "ladder", "name": "ladder", "error": traceback.format_exc()})
-            print(run["phases"][-1]["error"], flush=True)
-        time.sleep(args.pause)
-    if "group" in chosen:
-        phase("group", bench.group)
-    if "catchup" in chosen:
-        phase("catchup", bench.catch_up)
 
 
 def finish(run: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> None:

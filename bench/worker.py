@@ -432,9 +432,13 @@ class Worker:
         async def sender(sid: int) -> None:
             nonlocal next_i
             s = self.socks[sid]
-            while next_i < count and time.monotonic() - started < budget_s:
+            while next_i < count:
                 t = time.monotonic()
-                await in_flight.acquire()
+                left = budget_s - (t - started)
+                try:
+                    await asyncio.wait_for(in_flight.acquire(), max(0.0, left))
+                except TimeoutError:
+                    break  # acks stopped coming: the budget is spent
                 i, next_i = next_i, next_i + 1
                 if i >= count:
                     in_flight.release()
