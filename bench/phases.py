@@ -228,7 +228,7 @@ class Bench:
         r = w.call("echo", timeout=count * 10 + 60, sid=sid, count=count + 10, per_s=40)
         rtts = r["rtt_ms"][10:]  # the first round trips warm the path up
         lat = summary(rtts, missing=r["lost"])
-        self.floor_p50 = lat["p50"]  # type: ignore[assignment]
+        self.floor_p50 = lat["p50"]
         return {
             "phase": "floor",
             "name": "echo floor (ping -> pong)",

@@ -45,7 +45,7 @@ class Handle:
     @property
     def pid(self) -> int:
         assert self.process.pid is not None
-        return self.process.pid
+        return int(self.process.pid)
 
     def _read(self, rep: Connection) -> None:
         while True:

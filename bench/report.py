@@ -71,7 +71,7 @@ def short(r: dict[str, Any]) -> str:
     """Column name of a phase."""
     if r["phase"] == "ladder":
         return f"{r['rate']:g}/s"
-    return {"one": "one at a time", "catchup": "catch-up"}.get(r["phase"], r["phase"])
+    return str({"one": "one at a time", "catchup": "catch-up"}.get(r["phase"], r["phase"]))
 
 
 def earlier_text(r: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,7 @@ def run_phases(bench: Bench, args: argparse.Namespace, run: dict[str, Any]) -> N
     print(f"connecting {pairs} 1-to-1 sockets over {args.workers} workers...", flush=True)
     bench.setup["connect"] = bench.connect(bench.pair_sids(), "pairs")
     bench.setup["warm_up"] = bench.warm_up()
-    steps = {
+    steps: dict[str, Callable[[], Any]] = {
         "floor": bench.floor,
         "idle": bench.idle,
         "one": bench.one_at_a_time,
@@ -195,6 +196,7 @@ def run_phases(bench: Bench, args: argparse.Namespace, run: dict[str, Any]) -> N
             continue
         print(f"== {name}", flush=True)
         quiet = bench.quiesce() if name != "ladder" else {}  # the ladder waits before each step
+        result: Any
         try:
             result = steps[name]()
         except KeyboardInterrupt:

@@ -281,9 +281,9 @@ class Worker:
                 s.pending[f["conversation"]] = max(f["seq"], s.pending.get(f["conversation"], 0))
         elif kind == "ack":
             cid = str(f.get("id") or "")
-            planned = self.planned.pop(cid, None)
-            if planned is not None:
-                self.stats(tag_of(cid)).acks_ms[cid] = (now - planned) / 1e6
+            due = self.planned.pop(cid, None)
+            if due is not None:
+                self.stats(tag_of(cid)).acks_ms[cid] = (now - due) / 1e6
             hook = self.on_ack.pop(cid, None)
             if hook is not None:
                 hook()
