@@ -67,6 +67,23 @@ def snapshot(proc: Path = Path("/proc")) -> dict[int, ProcStat]:
     return out
 
 
+def parse_machine_busy(text: str) -> int:
+    """Busy clock ticks of all CPUs from /proc/stat's first line (everything but idle and iowait).
+
+    Guest time is already inside user time, so it is not added again.
+    """
+    f = text.split("\n", 1)[0].split()
+    if f[0] != "cpu":
+        raise ValueError("not /proc/stat")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def machine_busy(proc: Path = Path("/proc")) -> int:
+    """Busy ticks of the whole machine so far: with the trees, tells what *other* processes used."""
+    return parse_machine_busy((proc / "stat").read_text())
+
+
 def children_map(snap: Snapshot) -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
     for st in snap.values():

@@ -34,6 +34,7 @@ from .stats import summary, times_floor
 DISPLAY = {"kafka": "tansu", "mongo": "secantusd"}
 GENERATOR = "load generator"
 PY_SPY = "py-spy"
+OTHERS = "other processes"
 #: Socket ids of the catch-up sender's sockets and of its recipient (apart from account indexes).
 CATCHUP_SID = 1_000_000
 
@@ -78,11 +79,13 @@ class Bench:
     def cpu_window(self) -> Callable[[int], dict[str, Any]]:
         """Snapshot now; the returned function snapshots again and gives the phase's CPU figures."""
         before = cpu.snapshot()
+        busy0 = cpu.machine_busy()
         t0 = time.monotonic()
         me = _self_pid()
 
         def end(messages: int) -> dict[str, Any]:
             after = cpu.snapshot()
+            busy1 = cpu.machine_busy()
             wall = time.monotonic() - t0
             seconds = cpu.tree_seconds(before, after, self.roots)
             gen = sum(cpu.tree_seconds(before, after, {str(p): p for p in self.pool.pids}).values())
@@ -92,8 +95,13 @@ class Bench:
                 own = (mine_after.ticks - mine_before.ticks) / cpu.CLK_TCK
                 # py-spy is the only child the controller starts and reaps during a phase.
                 reaped = (mine_after.child_ticks - mine_before.child_ticks) / cpu.CLK_TCK
+            machine = (busy1 - busy0) / cpu.CLK_TCK
+            stack = sum(seconds.values())
             out: dict[str, Any] = {
                 "wall_s": round(wall, 2),
+                # Whatever else ran on the machine meanwhile (other people's tests): the
+                # figures are only as clean as this is small.
+                OTHERS: round(max(0.0, machine - stack - gen - own - reaped), 2),
                 "seconds": {k: round(v, 2) for k, v in seconds.items()},
                 "stack_s": round(sum(seconds.values()), 2),
                 "cores": {k: round(v / wall, 3) for k, v in seconds.items()} if wall > 0 else {},

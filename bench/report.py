@@ -102,7 +102,8 @@ def phase_lines(r: dict[str, Any]) -> list[str]:
         out.append(f"{r['name']}: stack {c['stack_cores']:.1%} of one core over {c['wall_s']:.0f} s")
         out.append("  " + ", ".join(f"{k} {v:.1%}" for k, v in top if v > 0))
         out.append(
-            f"  load generator {c['load generator']:.2f} s CPU; sockets closed by the server: {r['closed_by_server']}"
+            f"  load generator {c['load generator']:.2f} s CPU, other processes {c.get('other processes', 0):.2f} s; "
+            f"sockets closed by the server: {r['closed_by_server']}"
         )
         return out
     counts = [f"planned {r.get('planned')}"]
@@ -150,6 +151,7 @@ def phase_lines(r: dict[str, Any]) -> list[str]:
             + ", ".join(f"{k} {v:.1f}" for k, v in top)
             + f" | load generator {c['load generator']:.1f} s"
             + (f", py-spy {c['py-spy']:.1f} s" if c.get("py-spy") else "")
+            + (f", other processes {c['other processes']:.1f} s" if c.get("other processes") else "")
         )
     if r.get("profile"):
         p = r["profile"]
@@ -205,7 +207,13 @@ def markdown(run: dict[str, Any], images: dict[str, str]) -> str:
     """The generated section (markers included)."""
     phases: list[dict[str, Any]] = [p for p in run["phases"] if "error" not in p]
     lines = [START, "", f"Run {run['started']} — `{run['command']}` — code {run['code']}", ""]
-    lines.append(f"Machine: {run['machine']}.")
+    load = run.get("loadavg_at_start")
+    lines.append(
+        f"Machine: {run['machine']}"
+        + (f"; load average {load[0]:g} / {load[1]:g} / {load[2]:g} when the run started" if load else "")
+        + ". Other work on the machine takes CPU from the stack: the CPU table's 'other processes' row says how "
+        "much."
+    )
     lines.append("")
     lines.append(f"Stack: {run['stack']}.")
     lines.append("")
@@ -424,6 +432,7 @@ def cpu_tables(phases: list[dict[str, Any]]) -> list[str]:
     rows.append(["load generator", *[num(p["cpu"].get("load generator"), 2) for p in with_cpu]])
     if any(p["cpu"].get("py-spy") for p in with_cpu):
         rows.append(["py-spy", *[num(p["cpu"].get("py-spy"), 2) for p in with_cpu]])
+    rows.append(["other processes on the machine", *[num(p["cpu"].get("other processes"), 2) for p in with_cpu]])
     rows.append(["wall seconds", *[num(p["cpu"]["wall_s"], 1) for p in with_cpu]])
     lines += table(header, rows)
     per = [p for p in with_cpu if p["cpu"].get("ms_per_msg") and p["phase"] in ("one", "ladder", "catchup")]

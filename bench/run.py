@@ -28,6 +28,7 @@ generated section, plots and raw JSON under docs/bench/.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.strip(),
         "code": report.git_describe(),
         "machine": report.machine(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "options": vars(args),
         "phases": [],
     }

@@ -78,3 +78,9 @@ def test_the_live_snapshot_sees_this_process_and_its_child() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_machine_busy_time_leaves_out_idle_and_iowait() -> None:
+    stat = "cpu  100 20 30 5000 70 4 6 8 50 0\ncpu0 50 10 15 2500 35 2 3 4 25 0\n"
+    assert cpu.parse_machine_busy(stat) == 100 + 20 + 30 + 4 + 6 + 8
+    assert cpu.machine_busy() > 0
