@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import requests
@@ -50,8 +50,17 @@ def _post(http: requests.Session, url: str, body: dict[str, str], token: str | N
     raise AssertionError("unreachable")
 
 
-def make_accounts(base_url: str, count: int, parallel: int = 16, prefix: str = "b") -> list[Account]:
-    """Sign up and log in ``count`` new users (one mobile device each), ``parallel`` at a time."""
+def make_accounts(
+    base_url: str,
+    count: int,
+    parallel: int = 16,
+    prefix: str = "b",
+    progress: Callable[[int], None] | None = None,
+) -> list[Account]:
+    """Sign up and log in ``count`` new users (one mobile device each), ``parallel`` at a time.
+
+    ``progress(done)`` is called after every tenth of them (a thousand take minutes).
+    """
     tag = uuid.uuid4().hex[:6]
 
     def one(i: int) -> Account:
@@ -69,8 +78,15 @@ def make_accounts(base_url: str, count: int, parallel: int = 16, prefix: str = "
 
     if count <= 0:
         return []
+    step = max(1, count // 10)
+    out: list[Account | None] = [None] * count
     with ThreadPoolExecutor(min(parallel, count)) as pool:
-        return list(pool.map(one, range(count)))
+        futures = {pool.submit(one, i): i for i in range(count)}
+        for done, fut in enumerate(as_completed(futures), 1):
+            out[futures[fut]] = fut.result()
+            if progress is not None and done % step == 0 and done < count:
+                progress(done)
+    return [a for a in out if a is not None]
 
 
 def refresh_stale(base_url: str, accounts: Sequence[Account], max_age_s: float = 600, parallel: int = 16) -> int:

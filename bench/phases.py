@@ -127,7 +127,12 @@ class Bench:
         """Every account the chosen phases need, made once, in parallel, through Nginx."""
         t = time.monotonic()
         self.say(f"signing up {count + extra} accounts ({self.args.signup_parallel} in parallel)...")
-        self.accounts = make_accounts(self.stack.base_url, count, self.args.signup_parallel)
+        started = time.monotonic()
+
+        def progress(done: int) -> None:
+            self.say(f"  {done} of {count} after {time.monotonic() - started:.0f} s")
+
+        self.accounts = make_accounts(self.stack.base_url, count, self.args.signup_parallel, progress=progress)
         self.extra = make_accounts(self.stack.base_url, extra, self.args.signup_parallel, prefix="c")
         took = time.monotonic() - t
         self.setup["signups"] = {

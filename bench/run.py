@@ -13,8 +13,8 @@ each an asyncio loop owning a share of the sockets, one socket per device:
 - ladder: open-loop rates, stopping after the first rate whose p99 passes
   the limit (but never before --ladder-min); the --profile-rate step is
   profiled with py-spy (busiest Python process, flame graph SVG);
-- group: one group, every member connected, latency to the first and last;
-- catchup: a device comes back to N pending messages in one conversation.
+- catchup: a device comes back to N pending messages in one conversation;
+- group: one group, every member connected, latency to the first and last.
 
 Latency counts from the *planned* send time (no coordinated omission);
 messages that never arrive rank above every measured one. Every phase
@@ -49,7 +49,9 @@ from . import report  # noqa: E402
 from .phases import Bench, new_nonce  # noqa: E402
 from .pool import Pool  # noqa: E402
 
-PHASES = ("floor", "idle", "one", "ladder", "group", "catchup")
+#: In the order they run: the group fan-out, the heaviest (a thousand sockets, a thousand
+#: receipts per message), goes last so that a backlog it leaves cannot spoil another phase.
+PHASES = ("floor", "idle", "one", "ladder", "catchup", "group")
 
 
 def csv(kind: type) -> Any:

@@ -242,12 +242,16 @@ class Worker:
         try:
             async for raw in s.ws:
                 now = time.monotonic_ns()  # stamped before any parsing
-                await self.on_frame(s, raw, now)
+                try:
+                    await self.on_frame(s, raw, now)
+                except (ValueError, KeyError, TypeError):
+                    # A frame this client cannot read is a finding, not a reason to stop reading.
+                    self.stats(self.current).errors["unreadable_frame"] += 1
         except ConnectionClosed:
             pass
         except asyncio.CancelledError:
             raise
-        if s.sid in self.socks:  # closed by the server, not by us
+        if self.socks.get(s.sid) is s:  # closed by the server, not by us
             self.closed_by_server += 1
             self.stats(self.current).errors["socket_closed_by_server"] += 1
             self.socks.pop(s.sid, None)
