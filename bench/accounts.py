@@ -78,7 +78,7 @@ def make_accounts(
 
     if count <= 0:
         return []
-    step = max(1, count // 10)
+    step = max(10, count // 10)
     out: list[Account | None] = [None] * count
     with ThreadPoolExecutor(min(parallel, count)) as pool:
         futures = {pool.submit(one, i): i for i in range(count)}

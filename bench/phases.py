@@ -163,6 +163,20 @@ class Bench:
         )
         return r
 
+    def heal(self) -> int:
+        """Open again, with fresh tokens, the sockets the server closed (a real client reconnects)."""
+        lost = [sid for w in self.pool.workers for sid in w.call("take_lost", timeout=60)]
+        lost = [sid for sid in lost if sid in self.connected]
+        if not lost:
+            return 0
+        self.connected.difference_update(lost)
+        self.say(f"  reconnecting {len(lost)} sockets the server closed")
+        for sid in lost:
+            self.pool.owner.pop(sid, None)
+        how = "pairs" if all(s < len(self.pair_sids()) for s in lost) else "spread"
+        self.connect(lost, how)
+        return len(lost)
+
     def pair_sids(self) -> list[int]:
         return list(range(self.args.users - self.args.users % 2))
 
@@ -204,8 +218,9 @@ class Bench:
         runs out the phase still runs, and its result says how many earlier
         messages were still on their way.
         """
+        healed = self.heal()
         if not self.outstanding:
-            return {}
+            return {"reconnected": healed} if healed else {}
         started = time.monotonic()
         deadline = started + self.args.quiet_budget
         while True:
@@ -220,13 +235,16 @@ class Bench:
                 missing += left
             if missing == 0 or time.monotonic() >= deadline:
                 waited = round(time.monotonic() - started, 1)
+                out: dict[str, Any] = {"waited_for_earlier_s": waited}
+                if healed:
+                    out["reconnected"] = healed
                 if missing:
                     self.say(f"  {missing} earlier messages, acks or deliveries still missing after {waited} s")
                     self.outstanding.clear()  # counted once, in this phase's result
-                    return {"waited_for_earlier_s": waited, "earlier_missing": missing}
-                if waited >= 1:
+                    out["earlier_missing"] = missing
+                elif waited >= 1:
                     self.say(f"  waited {waited} s for earlier messages to arrive")
-                return {"waited_for_earlier_s": waited}
+                return out
             time.sleep(0.5)
 
     # -- phases ---------------------------------------------------------------------
@@ -333,7 +351,9 @@ class Bench:
         sent_at = time.monotonic()
         done = self.wait_for(tag, len(plan), self.args.drain)
         if profiler is not None:
-            profiler.join(self.args.profile_seconds + 120)
+            profiler.join(self.args.profile_seconds + self.args.profile_sample + 90)
+            if profiler.is_alive():
+                prof.setdefault("error", "the profiler was still running when the phase ended")
         c = end(len(plan))
         res = self.message_result("ladder", name, tag, len(plan), c)
         res["rate"] = rate
@@ -387,6 +407,8 @@ class Bench:
         members = self.args.group_members
         sids = list(range(members))
         owner = self.accounts[0]
+        # Tokens of accounts made long ago have expired (the owner's is needed right now).
+        refresh_stale(self.stack.base_url, self.accounts[:members])
         self.say(f"  creating a group of {members}...")
         t = time.monotonic()
         r = requests.post(
@@ -642,7 +664,13 @@ class Bench:
             spy = Path(sys.executable).parent / "py-spy"
             cmd = [str(spy), "record", "-p", str(pid), "-d", str(int(self.args.profile_seconds))]
             cmd += ["-o", str(svg), "-f", "flamegraph", "--nonblocking"]
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.args.profile_seconds + 90)
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.args.profile_seconds + 60)
+            except subprocess.TimeoutExpired:
+                out["error"] = (
+                    f"py-spy did not finish within {self.args.profile_seconds + 60:g} s (machine overloaded?)"
+                )
+                return
             if p.returncode == 0 and svg.exists():
                 out["svg"] = str(svg)
             else:

@@ -116,6 +116,8 @@ def phase_lines(r: dict[str, Any]) -> list[str]:
         out.append(f"  note: {r['note']}")
     if r.get("earlier_missing"):
         out.append(f"  note: {earlier_text(r)}")
+    if r.get("reconnected"):
+        out.append(f"  note: {r['reconnected']} sockets the server had closed were opened again before the phase")
     if r["phase"] == "catchup":
         out.append(
             f"  all {r['delivered']} in {num(r['seconds_to_all'])} s (in seq order: {r['in_order']}); "
@@ -226,6 +228,13 @@ def markdown(run: dict[str, Any], images: dict[str, str]) -> str:
             f"Setup: {s['accounts']} accounts signed up and logged in through Nginx in {s['seconds']} s "
             f"({s['per_s']}/s); {run['start_s']:.0f} s to start the stack."
         )
+    busy = others_cores(phases)
+    if busy is not None and busy >= PERTURBED_CORES:
+        lines.append("")
+        lines.append(
+            f"**Perturbed run**: other processes on the machine used {busy:.2f} cores on average during the "
+            "phases, which the stack did not get; latencies and throughput here are worse than the code's own."
+        )
     failed = [p for p in run["phases"] if "error" in p]
     if failed:
         lines.append("")
@@ -290,6 +299,11 @@ def markdown(run: dict[str, Any], images: dict[str, str]) -> str:
         )
         notes = [f"- {p['name']}: {p['note']}" for p in msg if p.get("note")]
         notes += [f"- {p['name']}: {earlier_text(p)}" for p in msg if p.get("earlier_missing")]
+        notes += [
+            f"- {p['name']}: {p['reconnected']} sockets the server had closed were opened again before it"
+            for p in msg
+            if p.get("reconnected")
+        ]
         notes += [
             f"- {p['name']}: {p['delivered_after_phase']} more arrived after the phase was reported"
             for p in msg
@@ -401,6 +415,18 @@ def markdown(run: dict[str, Any], images: dict[str, str]) -> str:
             lines.append(f"The profile at {p['name']} failed: `{pr.get('error', '?').strip()[-300:]}`")
     lines += ["", "Raw figures of this run: [bench/results.json](bench/results.json).", "", END]
     return "\n".join(lines)
+
+
+#: Other processes using this many cores on average make a run "perturbed" (of 2 cores).
+PERTURBED_CORES = 0.2
+
+
+def others_cores(phases: list[dict[str, Any]]) -> float | None:
+    """Cores that processes outside the stack and the load generator used, averaged over the phases."""
+    wall = float(sum(p["cpu"]["wall_s"] for p in phases if p.get("cpu")))
+    if not wall:
+        return None
+    return float(sum(p["cpu"].get("other processes", 0.0) for p in phases if p.get("cpu"))) / wall
 
 
 def cpu_tables(phases: list[dict[str, Any]]) -> list[str]:

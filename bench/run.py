@@ -28,6 +28,7 @@ generated section, plots and raw JSON under docs/bench/.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -95,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="environment of the stack")
     p.add_argument("--signup-parallel", type=int, default=16)
     p.add_argument("--no-docs", dest="docs", action="store_false", help="leave docs/ alone (figures to var/bench/)")
+    p.add_argument(
+        "--render", type=Path, metavar="RESULTS_JSON", help="only write the report and plots again from a results.json"
+    )
     args = p.parse_args(argv)
     unknown = set(args.phases) - set(PHASES)
     if unknown:
@@ -124,6 +128,10 @@ def describe(args: argparse.Namespace, stack: Stack) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        finish(saved, args, ROOT / "docs" / "bench" if args.docs else args.render.resolve().parent)
+        return 0
     raise_open_file_limit(65536)  # the controller opens a few sockets; its workers raise their own
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = ROOT / "docs" / "bench" if args.docs else ROOT / "var" / "bench" / stamp
@@ -228,10 +236,14 @@ def finish(run: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> None
     print("\n" + section, flush=True)
     if args.docs:
         report.write_markdown(ROOT / "docs" / "benchmarks.md", section)
-        print(f"\nwritten: docs/benchmarks.md, {out_dir.relative_to(ROOT)}/", flush=True)
+        print(f"\nwritten: docs/benchmarks.md, {_shown(out_dir)}/", flush=True)
     else:
         (out_dir / "benchmarks.md").write_text(section + "\n")
-        print(f"\nwritten: {out_dir.relative_to(ROOT)}/ (docs/ left alone)", flush=True)
+        print(f"\nwritten: {_shown(out_dir)}/ (docs/ left alone)", flush=True)
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,8 @@ class Sock:
     #: extra observer of message frames (the catch-up check): (frame, arrival ns)
     watch: Callable[[dict[str, Any], int], None] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: frames to write, in order: (text, client id of a message or "", its planned ns)
+    outbox: asyncio.Queue[tuple[str, str, int]] = field(default_factory=asyncio.Queue)
 
 
 def body_for(planned_ns: int) -> str:
@@ -129,6 +131,8 @@ class Worker:
         #: errors and closes not tied to a message id go to the current phase
         self.current = "setup"
         self.closed_by_server = 0
+        #: sockets the server closed, until the controller opens them again (as a client would)
+        self.lost: list[int] = []
         self.rep: Connection | None = None
 
     def stats(self, tag: str) -> TagStats:
@@ -184,6 +188,7 @@ class Worker:
         )
         s = Sock(sid, user_id, ws, receipts)
         s.tasks.append(asyncio.create_task(self.read(s)))
+        s.tasks.append(asyncio.create_task(self.write(s)))
         if receipts == "coalesce":
             s.tasks.append(asyncio.create_task(self.flush_receipts(s)))
         return s
@@ -253,8 +258,10 @@ class Worker:
             raise
         if self.socks.get(s.sid) is s:  # closed by the server, not by us
             self.closed_by_server += 1
-            self.stats(self.current).errors["socket_closed_by_server"] += 1
+            why = f"{s.ws.close_code or ''} {s.ws.close_reason or ''}".strip() or "no close frame"
+            self.stats(self.current).errors[f"socket closed by the server ({why})"] += 1
             self.socks.pop(s.sid, None)
+            self.lost.append(s.sid)
 
     async def on_frame(self, s: Sock, raw: str | bytes, now: int) -> None:
         f = json.loads(raw)
@@ -280,7 +287,7 @@ class Worker:
             if s.watch is not None:
                 s.watch(f, now)
             if s.receipts == "each":
-                await self.send_receipt(s, f["conversation"], f["seq"])
+                self.send_receipt(s, f["conversation"], f["seq"])
             elif s.receipts == "coalesce":
                 s.pending[f["conversation"]] = max(f["seq"], s.pending.get(f["conversation"], 0))
         elif kind == "ack":
@@ -302,12 +309,26 @@ class Worker:
             if hook is not None:
                 hook()
 
-    async def send_receipt(self, s: Sock, conversation: str, seq: int) -> None:
+    def send_receipt(self, s: Sock, conversation: str, seq: int) -> None:
         frame = {"type": "receipt", "conversation": conversation, "status": "delivered", "up_to_seq": seq}
-        try:
-            await s.ws.send(json.dumps(frame))
-        except ConnectionClosed:
-            pass
+        s.outbox.put_nowait((json.dumps(frame), "", 0))
+
+    async def write(self, s: Sock) -> None:
+        """The socket's writer: frames leave in order, and a socket the server reads slowly
+        (a full TCP buffer) holds up only itself, never the plan of the other sockets."""
+        while True:
+            text, cid, planned = await s.outbox.get()
+            if cid:
+                self.stats(tag_of(cid)).lag_ms.append((time.monotonic_ns() - planned) / 1e6)
+            try:
+                await s.ws.send(text)
+            except ConnectionClosed:
+                if cid:
+                    self.stats(tag_of(cid)).send_failed += 1
+                    self.planned.pop(cid, None)
+                    hook = self.on_ack.pop(cid, None)
+                    if hook is not None:
+                        hook()
 
     async def flush_receipts(self, s: Sock) -> None:
         """Coalesced receipts: the highest seq per conversation, every 100 ms (a catching-up client)."""
@@ -315,26 +336,24 @@ class Worker:
             await asyncio.sleep(0.1)
             pending, s.pending = s.pending, {}
             for conversation, seq in pending.items():
-                await self.send_receipt(s, conversation, seq)
+                self.send_receipt(s, conversation, seq)
 
     # -- sending --------------------------------------------------------------
 
     async def send_message(self, s: Sock, cid: str, planned_ns: int, to: str | None, group: str | None) -> bool:
+        """Hand a message to the socket's writer (False if the socket is gone)."""
         frame: dict[str, Any] = {"type": "message", "id": cid, "body": body_for(planned_ns)}
         if group is not None:
             frame["group"] = group
         else:
             frame["to"] = to
-        self.planned[cid] = planned_ns
         st = self.stats(tag_of(cid))
         st.sent += 1
-        st.lag_ms.append((time.monotonic_ns() - planned_ns) / 1e6)
-        try:
-            await s.ws.send(json.dumps(frame))
-        except ConnectionClosed:
+        if self.socks.get(s.sid) is not s:
             st.send_failed += 1
-            self.planned.pop(cid, None)
             return False
+        self.planned[cid] = planned_ns
+        s.outbox.put_nowait((json.dumps(frame), cid, planned_ns))
         return True
 
     async def op_send(self, items: list[tuple[int, int, str, str | None, str | None]]) -> dict[str, Any]:
@@ -526,6 +545,11 @@ class Worker:
 
     async def op_status(self) -> dict[str, Any]:
         return {"sockets": len(self.socks), "closed_by_server": self.closed_by_server}
+
+    async def op_take_lost(self) -> list[int]:
+        """The sockets the server closed since the last call (the controller reconnects them)."""
+        lost, self.lost = self.lost, []
+        return lost
 
 
 def main(index: int, ws_url: str, nonce: str, cmd: Connection, rep: Connection) -> None:
