@@ -390,7 +390,7 @@ class Bench:
             if ok:
                 passed.append(rate)
             if not ok and rate >= self.args.ladder_min:
-                stopped = f"stopped after {name}: p99 {_ms(p99)} > {limit:g} ms"
+                stopped = f"stopped after {name}: p99 {_ms(p99)}, over the {limit:g} ms limit"
                 self.say("  " + stopped)
                 break
             time.sleep(self.args.pause)

@@ -497,6 +497,7 @@ def plots(run: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out_dir.mkdir(parents=True, exist_ok=True)
     made: dict[str, str] = {}
@@ -507,14 +508,24 @@ def plots(run: dict[str, Any], out_dir: Path) -> dict[str, str]:
     if steps:
         fig, ax = plt.subplots(figsize=(8, 5))
         rates = [p["rate"] for p in steps]
-        # A percentile that fell on a missing message is drawn at the drain budget, hollow.
+        # A percentile that fell on a missing message is drawn at the drain budget, circled.
         cap = max(run["options"]["drain"], run["options"]["seconds"]) * 1000
+        beyond = False
+
+        def line(values: list[float | None], style: str, label: str, alpha: float = 1.0) -> None:
+            nonlocal beyond
+            (drawn,) = ax.plot(rates, [cap if v is None else v for v in values], style, alpha=alpha, label=label)
+            gone = [(r, cap) for r, v in zip(rates, values, strict=True) if v is None]
+            if gone:
+                beyond = True
+                ax.plot(*zip(*gone, strict=True), "o", ms=11, mfc="none", mec=drawn.get_color(), alpha=alpha)
+
         for key, style in (("p50", "o-"), ("p99", "s-"), ("p99.9", "^-"), ("max", "v:")):
-            ys = [p["latency_ms"][key] for p in steps]
-            ax.plot(rates, [cap if y is None else y for y in ys], style, label=f"delivery {key}")
+            line([p["latency_ms"][key] for p in steps], style, f"delivery {key}")
         for key, style in (("p50", "o--"), ("p99", "s--")):
-            ys = [p["ack_ms"][key] for p in steps]
-            ax.plot(rates, [cap if y is None else y for y in ys], style, alpha=0.6, label=f"ack {key}")
+            line([p["ack_ms"][key] for p in steps], style, f"ack {key}", alpha=0.6)
+        if beyond:
+            ax.plot([], [], "o", ms=11, mfc="none", mec="black", label="beyond the drain budget (drawn at it)")
         limit = run["options"]["p99_limit"]
         ax.axhline(limit, color="red", lw=0.8, ls="--", label=f"{limit:g} ms")
         if floor and floor["latency_ms"]["p50"]:
@@ -523,6 +534,7 @@ def plots(run: dict[str, Any], out_dir: Path) -> dict[str, str]:
         ax.set_yscale("log")
         ax.set_xticks(rates)
         ax.set_xticklabels([f"{r:g}" for r in rates])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("offered rate (msgs/s, open loop)")
         ax.set_ylabel("ms from the planned send time")
         ax.set_title(f"1-to-1 latency against rate\n{stamp}", fontsize=9)
@@ -539,13 +551,14 @@ def plots(run: dict[str, Any], out_dir: Path) -> dict[str, str]:
         fig, axes = plt.subplots(1, 2 if per else 1, figsize=(13 if per else 8, 5.5), squeeze=False)
         cmap = plt.get_cmap("tab20")
         colors = {k: cmap(i % 20) for i, k in enumerate([*procs, "load generator"])}
+        colors["other processes"] = (0.75, 0.75, 0.75, 1.0)
 
-        def stacked(ax: Any, cols: list[dict[str, Any]], value: Any, ylabel: str, title: str) -> None:
+        def stacked(ax: Any, cols: list[dict[str, Any]], value: Any, ylabel: str, title: str, others: bool) -> None:
             xs = list(range(len(cols)))
             bottom = [0.0] * len(cols)
-            for k in [*procs, "load generator"]:
+            for k in [*procs, "load generator", *(["other processes"] if others else [])]:
                 ys = [value(p, k) for p in cols]
-                hatch = "//" if k == "load generator" else None
+                hatch = {"load generator": "//", "other processes": ".."}.get(k)
                 ax.bar(xs, ys, bottom=bottom, label=k, color=colors[k], hatch=hatch, edgecolor="white", lw=0.3)
                 bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
             ax.set_xticks(xs)
@@ -556,8 +569,8 @@ def plots(run: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
         def cores(p: dict[str, Any], k: str) -> float:
             c = p["cpu"]
-            if k == "load generator":
-                return float(c["load generator"]) / c["wall_s"] if c["wall_s"] else 0.0
+            if k in ("load generator", "other processes"):
+                return float(c.get(k, 0.0)) / c["wall_s"] if c["wall_s"] else 0.0
             return float(c["cores"].get(k, 0.0))
 
         def per_msg(p: dict[str, Any], k: str) -> float:
@@ -566,10 +579,18 @@ def plots(run: dict[str, Any], out_dir: Path) -> dict[str, str]:
                 return float(c["load generator"]) * 1000 / c["messages"] if c["messages"] else 0.0
             return float(c["ms_per_msg"].get(k, 0.0))
 
-        stacked(axes[0][0], with_cpu, cores, "cores busy (CPU s / wall s)", "CPU per process per phase")
+        stacked(axes[0][0], with_cpu, cores, "cores busy (CPU s / wall s)", "CPU per process per phase", others=True)
         if per:
-            stacked(axes[0][1], per, per_msg, "CPU ms per message", "CPU per message (1-to-1 with its receipt)")
+            stacked(
+                axes[0][1],
+                per,
+                per_msg,
+                "CPU ms per message",
+                "CPU per message (1-to-1 with its receipt)",
+                others=False,
+            )
         handles, labels = axes[0][0].get_legend_handles_labels()
+        labels = [f"{x} on the machine" if x == "other processes" else x for x in labels]
         fig.legend(handles[::-1], labels[::-1], loc="center right", fontsize=8)
         fig.suptitle(stamp, fontsize=9)
         fig.tight_layout(rect=(0, 0, 0.84, 1))
