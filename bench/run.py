@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -96,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="environment of the stack")
     p.add_argument("--signup-parallel", type=int, default=16)
     p.add_argument("--no-docs", dest="docs", action="store_false", help="leave docs/ alone (figures to var/bench/)")
+    p.add_argument("--keep-var", action="store_true", help="keep the stack's data and logs (kept anyway on errors)")
     p.add_argument(
         "--render", type=Path, metavar="RESULTS_JSON", help="only write the report and plots again from a results.json"
     )
@@ -178,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         if pool is not None:
             pool.stop()
         stack.stop()
+    if args.keep_var or any("error" in p for p in run["phases"]) or run.get("interrupted"):
+        print(f"the stack's data and logs are kept in {stack.var}", flush=True)
+    else:
+        shutil.rmtree(stack.var, ignore_errors=True)
     finish(run, args, out_dir)
     return 0
 
