@@ -10,14 +10,17 @@ export PYTHONPATH := $(CURDIR)/libs:$(CURDIR)
 SERVICES := profile group persistence session message-router group-router push-notification gateway
 
 .PHONY: help setup system-deps browser-deps run infra test test-unit test-integration test-e2e test-browser \
-        lint format typecheck bench topics docs clean $(addprefix run-,$(SERVICES))
+        lint format typecheck bench bench-quick topics docs clean $(addprefix run-,$(SERVICES))
 
 help:
 	@echo "make run          set up and start the whole system on 127.0.0.1:8080 (PUBLIC_PORT in .env)"
 	@echo "make test         set up and run every test"
 	@echo "make infra        Kafka, MongoDB, topics and Nginx only"
 	@echo "make run-<svc>    one service in the foreground ($(SERVICES))"
-	@echo "make lint | format | typecheck | bench"
+	@echo "make bench        the full benchmark (~15-25 min): writes docs/benchmarks.md and docs/bench/"
+	@echo "make bench-quick  idle, one at a time, 200 msgs/s (< 3 min); figures to var/bench/"
+	@echo "                  (python -m bench.run --help: choose phases, rates and sizes)"
+	@echo "make lint | format | typecheck"
 
 # --- setup ---------------------------------------------------------------
 
@@ -86,7 +89,13 @@ typecheck: setup
 	$(VENV)/bin/mypy libs/chatlib
 
 bench: setup
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Idle, one at a time and 200 msgs/s only (with the echo floor they are given against), with
+# budgets that keep it under 3 minutes even on a slow system; docs/ left alone.
+bench-quick: setup
+	$(PY) -m bench.run --phases floor,idle,one,ladder --rates 200 --floor-count 200 --no-profile --no-docs \
+	  --one-budget 30 --drain 20 --quiet-budget 15 $(BENCH_ARGS)
 
 # Regenerate docs/api.html and docs/events.md from docs/openapi.yaml and chatlib.schemas.
 docs: setup

@@ -1,357 +1,255 @@
-"""`make bench`: load the whole system through Nginx and report latency and throughput.
+"""`make bench`: load the whole system through Nginx and measure latency and CPU per process.
 
-Starts its own system on free loopback ports (the same code path as `make run`),
-then runs, in one go:
+Starts its own system on free loopback ports (the same processes as
+`make run`: Tansu, SecantusDB, Nginx, every service, two gateways; OWASP's
+minimum Argon2 cost so that sign-ups are quick), signs up the accounts the
+chosen phases need, and drives the system from several worker processes,
+each an asyncio loop owning a share of the sockets, one socket per device:
 
-1. floor: WebSocket ping/pong round trips through the same Nginx and gateway;
-2. 1-to-1: N users in pairs, one socket each, messages sent open-loop at a
-   fixed rate; latency from send to receipt at the recipient, ack latency,
-   delivered msgs/s;
-3. group fan-out: one group with M members, M connected devices; latency from
-   send to the last member's delivery.
+- floor: ping -> pong through Nginx and a gateway (every latency is also
+  given as a multiple of its p50);
+- idle: the 1-to-1 sockets connected, no traffic: CPU of the stack;
+- one: one message at a time (send, wait for the recipient's frame, next);
+- ladder: open-loop rates, stopping after the first rate whose p99 passes
+  the limit (but never before --ladder-min); the --profile-rate step is
+  profiled with py-spy (busiest Python process, flame graph SVG);
+- catchup: a device comes back to N pending messages in one conversation;
+- group: one group, every member connected, latency to the first and last.
 
-Figures are printed and written between markers in docs/benchmarks.md.
+Latency counts from the *planned* send time (no coordinated omission);
+messages that never arrive rank above every measured one. Every phase
+reports the CPU seconds of every process tree of the stack over the phase.
+Figures are printed as each phase ends; a full run writes docs/benchmarks.md's
+generated section, plots and raw JSON under docs/bench/.
+
+    python -m bench.run --phases idle,one,ladder --rates 100,200 --seconds 10
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import platform
-import random
-import statistics
+import shutil
+import signal
 import sys
 import tempfile
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import requests
-from websockets.asyncio.client import ClientConnection, connect
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "libs"), str(ROOT)]
+sys.path[:0] = [p for p in (str(ROOT / "libs"), str(ROOT)) if p not in sys.path]
 
 from chatlib.oslimits import raise_open_file_limit  # noqa: E402
 
 from helper.stack import Stack  # noqa: E402
 
-PASSWORD = "bench-password-1"
+from . import report  # noqa: E402
+from .phases import Bench, new_nonce  # noqa: E402
+from .pool import Pool  # noqa: E402
+
+#: In the order they run: the group fan-out, the heaviest (a thousand sockets, a thousand
+#: receipts per message), goes last so that a backlog it leaves cannot spoil another phase.
+PHASES = ("floor", "idle", "one", "ladder", "catchup", "group")
 
 
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
-    return s[k]
+def csv(kind: type) -> Any:
+    def parse(text: str) -> list[Any]:
+        return [kind(x) for x in text.replace(" ", ",").split(",") if x]
+
+    return parse
 
 
-def summary(values_ms: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values_ms),
-        "p50": round(pct(values_ms, 50), 2),
-        "p99": round(pct(values_ms, 99), 2),
-        "p99.9": round(pct(values_ms, 99.9), 2),
-        "max": round(max(values_ms), 2) if values_ms else float("nan"),
-        "mean": round(statistics.fmean(values_ms), 2) if values_ms else float("nan"),
-    }
-
-
-@dataclass
-class Account:
-    user_id: str
-    token: str
-    username: str
-
-
-def make_accounts(base: str, n: int, workers: int = 8) -> list[Account]:
-    """Sign up and log in ``n`` users through Nginx (Argon2 makes this the slow part)."""
-    tag = uuid.uuid4().hex[:6]
-
-    def one(i: int) -> Account:
-        s = requests.Session()
-        name = f"b{tag}{i}"
-        r = s.post(f"{base}/v1/auth/signup", json={"username": name, "password": PASSWORD}, timeout=30)
-        r.raise_for_status()
-        r = s.post(
-            f"{base}/v1/auth/login", json={"username": name, "password": PASSWORD, "device_type": "mobile"}, timeout=30
-        )
-        r.raise_for_status()
-        b = r.json()
-        return Account(b["user_id"], b["access_token"], name)
-
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, range(n)))
-
-
-async def open_socket(ws_url: str, token: str) -> ClientConnection:
-    return await connect(ws_url, additional_headers={"Authorization": f"Bearer {token}"}, max_size=2**20)
-
-
-@dataclass
-class Stats:
-    latencies: list[float] = field(default_factory=list)
-    acks: list[float] = field(default_factory=list)
-    received: int = 0
-    duplicates: int = 0
-    #: messages of an earlier phase seen in this one (not counted as received)
-    earlier: int = 0
-    errors: list[dict[str, Any]] = field(default_factory=list)
-
-
-async def reader(ws: ClientConnection, stats: Stats, sent_at: dict[str, int], receipts: bool, seen: set[Any]) -> None:
-    async for raw in ws:
-        now = time.monotonic_ns()
-        f = json.loads(raw)
-        t = f.get("type")
-        if t == "message":
-            key = (f["conversation"], f["seq"])
-            if key in seen:
-                stats.duplicates += 1
-                continue
-            seen.add(key)
-            started = sent_at.get(f["id"])
-            if started is not None:
-                stats.received += 1
-                stats.latencies.append((now - started) / 1e6)
-            else:
-                stats.earlier += 1  # an earlier phase's message, re-sent by a gap replay
-            if receipts:
-                await ws.send(
-                    json.dumps(
-                        {
-                            "type": "receipt",
-                            "conversation": f["conversation"],
-                            "status": "delivered",
-                            "up_to_seq": f["seq"],
-                        }
-                    )
-                )
-        elif t == "ack":
-            started = sent_at.get(f["id"])
-            if started is not None:
-                stats.acks.append((now - started) / 1e6)
-        elif t == "error":
-            stats.errors.append(f)
-
-
-async def floor(ws_url: str, acc: Account, count: int, per_s: float = 40) -> dict[str, float]:
-    """Ping/pong round trips through Nginx and a gateway: the floor of any frame.
-
-    Paced below the gateway's per-socket rate limit (GATEWAY_RATE_PER_SOCKET,
-    50 frames/s by default): a faster client gets ``rate_limited`` errors instead.
-    """
-    ws = await open_socket(ws_url, acc.token)
-    rtts = []
-    for _ in range(count):
-        t0 = time.monotonic_ns()
-        await ws.send('{"type":"ping"}')
-        while True:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
-            if frame.get("type") == "pong":
-                break
-            if frame.get("type") == "error":
-                raise RuntimeError(f"floor ping refused: {frame}")
-        rtts.append((time.monotonic_ns() - t0) / 1e6)
-        await asyncio.sleep(max(0.0, 1 / per_s - (time.monotonic_ns() - t0) / 1e9))
-    await ws.close()
-    return summary(rtts[10:])
-
-
-async def one_to_one(
-    ws_url: str, accounts: list[Account], rate: float, seconds: float, receipts: bool
-) -> dict[str, Any]:
-    """Open-loop 1-to-1 traffic between fixed pairs at ``rate`` msgs/s."""
-    sockets = [await open_socket(ws_url, a.token) for a in accounts]
-    await asyncio.sleep(3)  # let sessions and replay settle
-    stats = Stats()
-    sent_at: dict[str, int] = {}
-    seen: set[Any] = set()
-    readers = [asyncio.create_task(reader(ws, stats, sent_at, receipts, seen)) for ws in sockets]
-    total = int(rate * seconds)
-    t0 = time.monotonic()
-    rng = random.Random(1)
-    for i in range(total):
-        target = t0 + i / rate
-        delay = target - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        a = rng.randrange(len(accounts))
-        peer = a ^ 1 if (a ^ 1) < len(accounts) else a - 1
-        cid = uuid.uuid4().hex
-        sent_at[cid] = time.monotonic_ns()
-        await sockets[a].send(
-            json.dumps({"type": "message", "id": cid, "to": accounts[peer].user_id, "body": "x" * 100})
-        )
-    send_elapsed = time.monotonic() - t0
-    deadline = time.monotonic() + 15
-    while stats.received < total and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    elapsed = time.monotonic() - t0
-    for task in readers:
-        task.cancel()
-    for ws in sockets:
-        await ws.close()
-    return {
-        "rate_target": rate,
-        "sent": total,
-        "received": stats.received,
-        "acked": len(stats.acks),
-        "duplicates_dropped": stats.duplicates,
-        "earlier_phase_messages": stats.earlier,
-        "errors": len(stats.errors),
-        "send_seconds": round(send_elapsed, 2),
-        "delivered_per_s": round(stats.received / elapsed, 1),
-        "latency_ms": summary(stats.latencies),
-        "ack_ms": summary(stats.acks),
-    }
-
-
-async def group_fanout(base: str, ws_url: str, accounts: list[Account], messages: int) -> dict[str, Any]:
-    """One group of len(accounts) members, all connected; latency to the last delivery."""
-    owner = accounts[0]
-    members = [a.user_id for a in accounts[1:]]
-    r = requests.post(
-        f"{base}/v1/groups",
-        json={"name": "bench", "members": members},
-        headers={"Authorization": f"Bearer {owner.token}"},
-        timeout=60,
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--phases", type=csv(str), default=list(PHASES), help=f"comma list of {','.join(PHASES)}")
+    p.add_argument("--workers", type=int, default=4, help="load generator processes")
+    p.add_argument("--users", type=int, default=100, help="1-to-1 users (in pairs, one socket each)")
+    p.add_argument("--rates", type=csv(float), default=[100.0, 200.0, 500.0, 1000.0, 2000.0])
+    p.add_argument("--seconds", type=float, default=15, help="length of each ladder step")
+    p.add_argument("--p99-limit", type=float, default=100, help="ladder: stop after the first p99 above this (ms)")
+    p.add_argument("--ladder-min", type=float, default=500, help="ladder: rates up to this always run")
+    p.add_argument("--drain", type=float, default=30, help="seconds a phase waits for late messages after sending")
+    p.add_argument("--pause", type=float, default=2, help="seconds between ladder steps")
+    p.add_argument("--settle", type=float, default=3, help="seconds of quiet before idle and other phases")
+    p.add_argument(
+        "--quiet-budget", type=float, default=60, help="seconds a phase waits for earlier phases' late messages"
     )
-    r.raise_for_status()
-    gid = r.json()["group_id"]
-    sockets = []
-    for i in range(0, len(accounts), 50):
-        sockets += await asyncio.gather(*(open_socket(ws_url, a.token) for a in accounts[i : i + 50]))
-    print(f"{len(sockets)} sockets open", flush=True)
-    await asyncio.sleep(5)  # sessions reach the routers' live views
-    arrivals: dict[str, list[int]] = {}
-
-    async def read(ws: ClientConnection) -> None:
-        # Stamp first, parse cheaply: one client process reads every member's socket,
-        # so its own per-frame work adds to the last member's figure.
-        async for raw in ws:
-            now = time.monotonic_ns()
-            if '"type":"message"' in raw or '"type": "message"' in raw:
-                arrivals.setdefault(json.loads(raw)["id"], []).append(now)
-
-    tasks = [asyncio.create_task(read(ws)) for ws in sockets[1:]]
-    lasts, firsts = [], []
-    expected = len(accounts) - 1
-    for _ in range(messages):
-        cid = uuid.uuid4().hex
-        t0 = time.monotonic_ns()
-        await sockets[0].send(json.dumps({"type": "message", "id": cid, "group": gid, "body": "fan-out"}))
-        deadline = time.monotonic() + 30
-        while len(arrivals.get(cid, [])) < expected and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        got = arrivals.get(cid, [])
-        if got:
-            firsts.append((min(got) - t0) / 1e6)
-            lasts.append((max(got) - t0) / 1e6)
-        await asyncio.sleep(0.5)
-    for t in tasks:
-        t.cancel()
-    for ws in sockets:
-        await ws.close()
-    complete = sum(1 for cid, got in arrivals.items() if len(got) >= expected)
-    return {
-        "members": len(accounts),
-        "messages": messages,
-        "complete_deliveries": complete,
-        "first_delivery_ms": summary(firsts),
-        "last_delivery_ms": summary(lasts),
-    }
+    p.add_argument("--floor-count", type=int, default=300, help="ping round trips (40/s)")
+    p.add_argument("--idle-seconds", type=float, default=20)
+    p.add_argument("--one-count", type=int, default=200, help="messages sent one at a time")
+    p.add_argument("--one-budget", type=float, default=180, help="seconds the one-at-a-time phase may take")
+    p.add_argument("--group-members", type=int, default=1000)
+    p.add_argument("--group-messages", type=int, default=50)
+    p.add_argument("--group-rate", type=float, default=1.0, help="group messages per second (open loop)")
+    p.add_argument("--group-receipts", choices=("each", "off"), default="each")
+    p.add_argument("--catchup", type=int, default=10000, help="pending messages the device comes back to")
+    p.add_argument("--catchup-senders", type=int, default=8, help="sockets of the sender's device that fill")
+    p.add_argument("--catchup-budget", type=float, default=120, help="seconds the device may take to catch up")
+    p.add_argument("--profile-rate", type=float, default=500, help="ladder step profiled with py-spy")
+    p.add_argument("--profile-seconds", type=float, default=10)
+    p.add_argument("--profile-sample", type=float, default=2, help="seconds over which the busiest is chosen")
+    p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--gateways", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="environment of the stack")
+    p.add_argument("--signup-parallel", type=int, default=16)
+    p.add_argument("--no-docs", dest="docs", action="store_false", help="leave docs/ alone (figures to var/bench/)")
+    p.add_argument("--keep-var", action="store_true", help="keep the stack's data and logs (kept anyway on errors)")
+    p.add_argument(
+        "--render", type=Path, metavar="RESULTS_JSON", help="only write the report and plots again from a results.json"
+    )
+    args = p.parse_args(argv)
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        p.error(f"unknown phases: {', '.join(sorted(unknown))} (choose from {', '.join(PHASES)})")
+    if args.users < 2:
+        p.error("--users must be at least 2 (one pair)")
+    if "group" in args.phases and args.group_members < 2:
+        p.error("--group-members must be at least 2")
+    for kv in args.set:
+        if "=" not in kv:
+            p.error(f"--set {kv}: expected KEY=VALUE")
+    return args
 
 
-def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    system = f"{platform.system()} {platform.release()}"
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {system}, Python {platform.python_version()}"
+def describe(args: argparse.Namespace, stack: Stack) -> tuple[str, str]:
+    overrides = [kv for kv in args.set]
+    stack_text = (
+        f"`make run`'s processes on free loopback ports ({args.gateways} gateways), Argon2id at OWASP's minimum "
+        "(t=2, 19 MiB), LOG_LEVEL=WARNING" + (f", and {', '.join(f'`{kv}`' for kv in overrides)}" if overrides else "")
+    )
+    gen = (
+        f"{args.workers} worker processes (asyncio, websockets), {args.users} users in pairs with one socket each, "
+        "every recipient answering every message with a `delivered` receipt; latency from the planned send time"
+    )
+    return stack_text, gen
 
 
-def write_report(results: dict[str, Any], command: str) -> str:
-    lines = [
-        "<!-- bench:start (generated by `make bench`; edit outside the markers) -->",
-        f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — `{command}`",
-        "",
-        f"Machine: {machine()}",
-        "",
-        "```json",
-        json.dumps(results, indent=2),
-        "```",
-        "<!-- bench:end -->",
-    ]
-    block = "\n".join(lines)
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if "<!-- bench:start" in text:
-        head = text.split("<!-- bench:start")[0]
-        tail = text.split("<!-- bench:end -->", 1)[1] if "<!-- bench:end -->" in text else ""
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n## Latest run\n\n" + block + "\n"
-    path.write_text(text)
-    return block
-
-
-async def main_async(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
-    base, ws_url = stack.base_url, stack.ws_url
-    results: dict[str, Any] = {}
-    print(f"signing up {args.users} users...", flush=True)
-    accounts = make_accounts(base, args.users)
-    results["floor_ping_pong_ms"] = await floor(ws_url, accounts[0], 400)
-    print("floor:", results["floor_ping_pong_ms"], flush=True)
-    for rate in args.rates:
-        res = await one_to_one(ws_url, accounts, rate, args.seconds, receipts=not args.no_receipts)
-        results[f"one_to_one_{int(rate)}_per_s"] = res
-        print(f"1-to-1 at {rate}/s:", json.dumps(res), flush=True)
-    if args.group_members > 0:
-        print(f"signing up {args.group_members} group members...", flush=True)
-        members = accounts[: min(len(accounts), args.group_members)]
-        if len(members) < args.group_members:
-            members += make_accounts(base, args.group_members - len(members))
-        res = await group_fanout(base, ws_url, members, args.group_messages)
-        results[f"group_fanout_{args.group_members}"] = res
-        print("group fan-out:", json.dumps(res), flush=True)
-    return results
-
-
-def main() -> int:
-    raise_open_file_limit(65536)  # a thousand sockets and more, beyond a shell's 1024
-    parser = argparse.ArgumentParser(prog="bench.run")
-    parser.add_argument("--users", type=int, default=200)
-    parser.add_argument("--rates", type=float, nargs="+", default=[50.0, 200.0, 500.0])
-    parser.add_argument("--seconds", type=float, default=15)
-    parser.add_argument("--group-members", type=int, default=1000)
-    parser.add_argument("--group-messages", type=int, default=20)
-    parser.add_argument("--no-receipts", action="store_true")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    stack = Stack.for_tests(Path(tempfile.mkdtemp(prefix="chat-bench-")), gateways=2)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        finish(saved, args, ROOT / "docs" / "bench" if args.docs else args.render.resolve().parent)
+        return 0
+    raise_open_file_limit(65536)  # the controller opens a few sockets; its workers raise their own
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = ROOT / "docs" / "bench" if args.docs else ROOT / "var" / "bench" / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack.for_tests(Path(tempfile.mkdtemp(prefix="chat-bench-")), gateways=args.gateways)
     stack.env["LOG_LEVEL"] = "WARNING"
-    print("starting the system...", flush=True)
-    stack.start_all()
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        stack.env[key.strip()] = value.strip()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stack.stop_requested.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    run: dict[str, Any] = {
+        "started": report.started_text(),
+        "command": command.strip(),
+        "code": report.git_describe(),
+        "machine": report.machine(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "options": vars(args),
+        "phases": [],
+    }
+    run["stack"], run["generator"] = describe(args, stack)
+    pool = None
+    print(f"starting the system (logs in {stack.var / 'log'})...", flush=True)
+    t = time.monotonic()
     try:
-        results = asyncio.run(main_async(args, stack))
+        stack.start_all()
+        run["start_s"] = round(time.monotonic() - t, 1)
+        print(f"  started in {run['start_s']} s", flush=True)
+        nonce = new_nonce()
+        pool = Pool(args.workers, stack.ws_url, nonce)
+        bench = Bench(stack, args, pool, nonce, out_dir)
+        run_phases(bench, args, run)
+        bench.late_arrivals(run["phases"])
+        run["setup"] = bench.setup
+    except KeyboardInterrupt:
+        print("interrupted: stopping, figures so far follow", flush=True)
+        run["interrupted"] = True
     finally:
+        if pool is not None:
+            pool.stop()
         stack.stop()
-    if not args.no_write:
-        print(write_report(results, "make bench " + " ".join(sys.argv[1:])))
+    if args.keep_var or any("error" in p for p in run["phases"]) or run.get("interrupted"):
+        print(f"the stack's data and logs are kept in {stack.var}", flush=True)
+    else:
+        shutil.rmtree(stack.var, ignore_errors=True)
+    finish(run, args, out_dir)
     return 0
+
+
+def run_phases(bench: Bench, args: argparse.Namespace, run: dict[str, Any]) -> None:
+    """Accounts and the 1-to-1 sockets first, then each chosen phase in the order of PHASES.
+
+    A phase that raises is recorded with its traceback and the run goes on:
+    one broken phase must not lose the figures of the others.
+    """
+    chosen = set(args.phases)
+    pairs = args.users - args.users % 2
+    needed = max(pairs, args.group_members) if "group" in chosen else pairs
+    bench.sign_up(needed, 2 if "catchup" in chosen else 0)
+    print(f"connecting {pairs} 1-to-1 sockets over {args.workers} workers...", flush=True)
+    bench.setup["connect"] = bench.connect(bench.pair_sids(), "pairs")
+    bench.setup["warm_up"] = bench.warm_up()
+    steps: dict[str, Callable[[], Any]] = {
+        "floor": bench.floor,
+        "idle": bench.idle,
+        "one": bench.one_at_a_time,
+        "ladder": bench.ladder,
+        "group": bench.group,
+        "catchup": bench.catch_up,
+    }
+    for name in PHASES:
+        if name not in chosen:
+            continue
+        print(f"== {name}", flush=True)
+        quiet = bench.quiesce() if name != "ladder" else {}  # the ladder waits before each step
+        result: Any
+        try:
+            result = steps[name]()
+        except KeyboardInterrupt:
+            raise
+        except Exception:
+            result = {"phase": name, "name": name, "error": traceback.format_exc()}
+        if name == "ladder" and isinstance(result, tuple):
+            run["phases"] += result[0]
+            run["ladder"] = result[1]
+        else:
+            result.update(quiet)
+            run["phases"].append(result)
+            bench.print_result(result)
+        time.sleep(args.pause)
+
+
+def finish(run: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> None:
+    report.write_json(out_dir / "results.json", run)
+    try:
+        images = report.plots(run, out_dir)
+    except Exception:
+        print("plots failed:\n" + traceback.format_exc(), flush=True)
+        images = {}
+    section = report.markdown(run, images)
+    print("\n" + section, flush=True)
+    if args.docs:
+        report.write_markdown(ROOT / "docs" / "benchmarks.md", section)
+        print(f"\nwritten: docs/benchmarks.md, {_shown(out_dir)}/", flush=True)
+    else:
+        (out_dir / "benchmarks.md").write_text(section + "\n")
+        print(f"\nwritten: {_shown(out_dir)}/ (docs/ left alone)", flush=True)
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 if __name__ == "__main__":
