@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .schemas import Deliver, DeviceRef, PushRequest, StoredMessage, UserSessions
+from .schemas import Deliver, DeviceRef, GroupPushRequest, PushRecipient, PushRequest, StoredMessage, UserSessions
 
 #: user id -> that user's live sessions (None: no device online)
 SessionsOf = Callable[[str], UserSessions | None]
@@ -45,6 +45,21 @@ def online_device_ids(sessions: UserSessions | None) -> list[str]:
 
 #: Characters of the body a push notification may show.
 PREVIEW_CHARS = 100
+
+
+def group_push_request_for(msg: StoredMessage, user_ids: list[str], sessions_of: SessionsOf) -> GroupPushRequest | None:
+    """One push request for every recipient of a group message (None when there is none)."""
+    if not user_ids:
+        return None
+    return GroupPushRequest(
+        recipients=[PushRecipient(user_id=u, exclude_devices=online_device_ids(sessions_of(u))) for u in user_ids],
+        conversation=msg.conversation,
+        message_id=msg.message_id,
+        seq=msg.seq,
+        sender=msg.sender,
+        preview=msg.body[:PREVIEW_CHARS],
+        ts=msg.ts,
+    )
 
 
 def push_request_for(msg: StoredMessage, user_id: str, sessions_of: SessionsOf) -> PushRequest:

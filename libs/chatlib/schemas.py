@@ -441,7 +441,12 @@ class MessageStored(Event):
 
 @event
 class ReceiptStored(Event):
-    """A user's delivered or read offset in a conversation advanced."""
+    """A user's delivered or read offset in a conversation advanced, from ``after_seq`` to ``up_to_seq``.
+
+    The receipt frame goes to the senders of the messages in that range (and
+    to the reader's other devices): a router that remembers who sent which
+    recent seq tells only them.
+    """
 
     TYPE = "chat.receipt_stored"
     conversation: str
@@ -449,6 +454,8 @@ class ReceiptStored(Event):
     device_id: str
     status: Literal["delivered", "read"]
     up_to_seq: int
+    #: the offset before this advance (0 when not known: every seq up to up_to_seq)
+    after_seq: int = 0
 
 
 # ---------------------------------------------------------------------------
@@ -557,6 +564,44 @@ class PushRequest(Event):
     sender: str
     preview: str
     ts: int
+
+
+class PushRecipient(BaseModel):
+    """One recipient of a group push: a user and their devices that are online (not notified)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    user_id: str
+    exclude_devices: list[str] = []
+
+
+@event
+class GroupPushRequest(Event):
+    """Notify the offline devices of many users about one group message (one record, not one per member)."""
+
+    TYPE = "push.group_request"
+    recipients: list[PushRecipient]
+    conversation: str
+    message_id: str
+    seq: int
+    sender: str
+    preview: str
+    ts: int
+
+    def requests(self) -> list[PushRequest]:
+        """The same notification as one PushRequest per recipient."""
+        return [
+            PushRequest(
+                user_id=r.user_id,
+                exclude_devices=r.exclude_devices,
+                conversation=self.conversation,
+                message_id=self.message_id,
+                seq=self.seq,
+                sender=self.sender,
+                preview=self.preview,
+                ts=self.ts,
+            )
+            for r in self.recipients
+        ]
 
 
 # ---------------------------------------------------------------------------

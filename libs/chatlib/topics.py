@@ -88,7 +88,7 @@ TOPIC_KEYS: dict[str, str] = {
     ROUTE.name: "user_id",
     GROUP_CHANGES.name: "group_id (compacted: the latest value per group wins)",
     CHANNEL_EVENTS.name: "group_id",
-    PUSH_REQUESTS.name: "user_id",
+    PUSH_REQUESTS.name: "user_id (group requests: conversation)",
     DEAD_LETTERS.name: "the original topic name",
     gateway_topic(
         "<instance>"
@@ -126,5 +126,6 @@ EVENT_TOPICS: dict[str, tuple[str, ...]] = {
     "channel.created": (CHANNEL_EVENTS.name,),
     "channel.deleted": (CHANNEL_EVENTS.name,),
     "push.request": (PUSH_REQUESTS.name,),
+    "push.group_request": (PUSH_REQUESTS.name,),
     "dlq.dead_letter": (DEAD_LETTERS.name,),
 }

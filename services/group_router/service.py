@@ -17,8 +17,8 @@ from chatlib.routing import Outbox
 from chatlib.schemas import (
     Event,
     GroupChanged,
+    GroupPushRequest,
     MessageStored,
-    PushRequest,
     ReceiptStored,
     TypingSignal,
     UserSessions,
@@ -60,6 +60,11 @@ class GroupRouter(Service):
     groups = View(GROUP_CHANGES, key=lambda e: e.group.group_id if isinstance(e, GroupChanged) else "")
     producer = Producer()
 
+    def __init__(self, config: GroupRouterConfig, **overrides: Any):
+        super().__init__(config, **overrides)
+        #: who sent each recent seq: group receipts go to those senders only
+        self.sender_log = logic.SenderLog()
+
     def on_start(self) -> None:
         """Report started only once the consumers have their partitions.
 
@@ -82,7 +87,7 @@ class GroupRouter(Service):
         records are skipped by key, undecoded.
         """
         outbox = Outbox(self.config.deliver_max_bytes)
-        pushes: list[PushRequest] = []
+        pushes: list[GroupPushRequest] = []
         for ev in events:
             if isinstance(ev, MessageStored) and ev.message.conversation.startswith(GROUP_PREFIX):
                 members = self._members(ev.message.conversation)
@@ -91,14 +96,17 @@ class GroupRouter(Service):
                         "message %s for unknown group %s not routed", ev.message.message_id, ev.message.conversation
                     )
                     continue
-                targets, requests = logic.route_message(ev.message, members, self._sessions_of)
+                self.sender_log.add(ev.message.conversation, ev.message.seq, ev.message.sender)
+                targets, push = logic.route_message(ev.message, members, self._sessions_of)
                 outbox.add(ev.message.frame(), targets)
-                pushes.extend(requests)
+                if push is not None:
+                    pushes.append(push)
             elif isinstance(ev, ReceiptStored) and ev.conversation.startswith(GROUP_PREFIX):
                 members = self._members(ev.conversation)
                 if members is not None:
                     frame = receipt_frame(ev.conversation, ev.user_id, ev.status, ev.up_to_seq)
-                    outbox.add(frame, logic.route_receipt(ev, members, self._sessions_of))
+                    senders = self.sender_log.senders(ev.conversation, ev.after_seq, ev.up_to_seq)
+                    outbox.add(frame, logic.route_receipt(ev, members, self._sessions_of, senders))
             elif isinstance(ev, TypingSignal) and ev.conversation.startswith(GROUP_PREFIX):
                 members = self._members(ev.conversation)
                 if members is not None:
@@ -131,14 +139,14 @@ class GroupRouter(Service):
             change = self.groups.get(group_id)
         return logic.members_of(change if isinstance(change, GroupChanged) else None)
 
-    def _emit(self, outbox: Outbox, pushes: list[PushRequest]) -> None:
+    def _emit(self, outbox: Outbox, pushes: list[GroupPushRequest]) -> None:
         """Send everything, then wait for the broker to confirm every record (raises on failure: retried)."""
         futures: list[Any] = []
         for gateway, deliver in outbox.delivers():
             key = deliver.targets[0].user_id if deliver.targets else None
             futures.append(self.producer.send(gateway_topic(gateway), deliver, key=key))
         for req in pushes:
-            futures.append(self.producer.send(PUSH_REQUESTS, req, key=req.user_id))
+            futures.append(self.producer.send(PUSH_REQUESTS, req, key=req.conversation))
         if not futures:
             return
         self.producer.flush()

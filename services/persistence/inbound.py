@@ -339,8 +339,10 @@ class Inbound(Part):
                 kind, ids = "", []
             if kind == "dm" and r.user_id in ids:
                 valid.append(r)
+            elif kind == "group" and r.user_id in self.svc.members_of.get(ids[0], ()):
+                valid.append(r)  # a current member (the live groups view): no database read
             elif kind == "group":
-                group_receipts.append(r)
+                group_receipts.append(r)  # a former member may still read (and receipt) their range
             else:
                 out.to_device(r.gateway, r.user_id, r.device_id, self._not_participant())
         if group_receipts:

@@ -239,7 +239,12 @@ def receipt_events(states: dict[tuple[str, str], ReceiptState]) -> list[ReceiptS
         if st.now.read > st.before.read:
             out.append(
                 ReceiptStored(
-                    conversation=conv, user_id=user_id, device_id=st.read_device, status="read", up_to_seq=st.now.read
+                    conversation=conv,
+                    user_id=user_id,
+                    device_id=st.read_device,
+                    status="read",
+                    up_to_seq=st.now.read,
+                    after_seq=st.before.read,
                 )
             )
         if st.now.delivered > st.before.delivered and st.now.delivered > st.now.read:
@@ -250,6 +255,7 @@ def receipt_events(states: dict[tuple[str, str], ReceiptState]) -> list[ReceiptS
                     device_id=st.delivered_device,
                     status="delivered",
                     up_to_seq=st.now.delivered,
+                    after_seq=max(st.before.delivered, st.now.read),
                 )
             )
     return out

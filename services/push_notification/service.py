@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from chatlib.schemas import Event, PushRequest, now_ms
+from chatlib.schemas import Event, GroupPushRequest, PushRequest, now_ms
 from chatlib.service import Dependency, Service, ServiceConfig, Storage, consume
 from chatlib.topics import PUSH_REQUESTS, USER_EVENTS
 from pydantic import Field, field_validator
@@ -102,6 +102,7 @@ class PushNotification(Service):
     def on_push_requests(self, events: list[Event]) -> None:
         """Notify each requested user's offline devices that have a token; record every outcome."""
         requests = [ev for ev in events if isinstance(ev, PushRequest)]
+        requests += [r for ev in events if isinstance(ev, GroupPushRequest) for r in ev.requests()]
         if not requests:
             return
         now = now_ms()

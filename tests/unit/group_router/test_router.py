@@ -12,6 +12,7 @@ from chatlib.schemas import (
     Event,
     GroupChanged,
     GroupMember,
+    GroupPushRequest,
     GroupSnapshot,
     MessageStored,
     PushRequest,
@@ -22,6 +23,7 @@ from chatlib.schemas import (
     UserSessions,
 )
 
+from services.group_router.logic import SenderLog
 from services.group_router.service import GroupRouter, GroupRouterConfig
 from tests.unit.group.fakes import FakePublisher
 
@@ -95,7 +97,8 @@ def delivers(router: GroupRouter) -> list[tuple[str, Deliver]]:
 
 
 def pushes(router: GroupRouter) -> list[PushRequest]:
-    return router.producer.of(PushRequest)  # type: ignore[attr-defined,no-any-return]
+    """Every per-user request the group push requests stand for."""
+    return [r for g in router.producer.of(GroupPushRequest) for r in g.requests()]  # type: ignore[attr-defined]
 
 
 def refs(d: Deliver) -> set[tuple[str, str]]:
@@ -142,7 +145,7 @@ def test_outbox_splits_large_records() -> None:
     assert frames == [[0, 1], [2, 3]]
 
 
-def test_push_request_per_other_member_excluding_online_devices(router: GroupRouter) -> None:
+def test_one_push_request_names_every_other_member_excluding_online_devices(router: GroupRouter) -> None:
     router.on_traffic([message(body="y" * 300)])
     by_user = {p.user_id: p for p in pushes(router)}
     assert set(by_user) == {"bob", "carol", "dave"}  # never the sender
@@ -151,8 +154,8 @@ def test_push_request_per_other_member_excluding_online_devices(router: GroupRou
     p = by_user["dave"]
     assert (p.conversation, p.message_id, p.seq, p.sender, p.ts) == ("group:g1", "m1", 1, "alice", 1001)
     assert p.preview == "y" * 100
-    keys = {key for _, ev, key in router.producer.sent if isinstance(ev, PushRequest)}  # type: ignore[attr-defined]
-    assert keys == {"bob", "carol", "dave"}
+    sent = [(ev, key) for _, ev, key in router.producer.sent if isinstance(ev, GroupPushRequest)]  # type: ignore[attr-defined]
+    assert [key for _, key in sent] == ["group:g1"]  # one record for the whole group
 
 
 def test_dm_traffic_and_unknown_or_deleted_groups_are_ignored(router: GroupRouter) -> None:
@@ -171,7 +174,7 @@ def test_system_owner_gets_nothing(router: GroupRouter) -> None:
     assert delivers(router) == []  # bob's only device sent it
 
 
-def test_receipts_go_to_other_members_and_readers_other_devices(router: GroupRouter) -> None:
+def test_receipts_of_messages_it_did_not_route_go_to_every_member(router: GroupRouter) -> None:
     r = ReceiptStored(conversation="group:g1", user_id="alice", device_id="a-web", status="read", up_to_seq=7)
     router.on_traffic([r])
     out = {topic: d for topic, d in delivers(router)}
@@ -243,3 +246,28 @@ def test_sender_who_left_still_syncs_own_devices(router: GroupRouter) -> None:
     out = {topic: d for topic, d in delivers(router)}
     assert ("erin", "e-phone") in refs(out["gateway.gw1.v1"])
     assert "erin" not in {p.user_id for p in pushes(router)}
+
+
+def test_receipts_go_to_the_senders_of_the_covered_messages_and_the_readers_other_devices(
+    router: GroupRouter,
+) -> None:
+    router.on_traffic(
+        [message(seq=1, sender="bob", device="b-phone"), message(seq=2, sender="carol", device="c-phone")]
+    )
+    router.producer.sent.clear()  # type: ignore[attr-defined]
+    # alice read seq 2 only (she had read 1): carol hears of it, bob does not
+    r = ReceiptStored(
+        conversation="group:g1", user_id="alice", device_id="a-web", status="read", up_to_seq=2, after_seq=1
+    )
+    router.on_traffic([r])
+    told = set().union(*(refs(d) for _, d in delivers(router)))
+    assert told == {("alice", "a-phone"), ("carol", "c-phone"), ("carol", "c-web")}
+
+
+def test_sender_log_knows_a_range_only_when_it_remembers_every_seq() -> None:
+    log = SenderLog(keep=3)
+    for seq, sender in enumerate(["a", "b", "c", "d"], start=1):
+        log.add("group:g", seq, sender)
+    assert log.senders("group:g", 1, 4) == {"b", "c", "d"}
+    assert log.senders("group:g", 0, 4) is None  # seq 1 was forgotten
+    assert log.senders("group:other", 0, 1) is None

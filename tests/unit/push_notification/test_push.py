@@ -12,6 +12,8 @@ from chatlib.schemas import (
     DeviceRegistered,
     DeviceRemoved,
     Event,
+    GroupPushRequest,
+    PushRecipient,
     PushRequest,
     UserRegistered,
     UserUnregistered,
@@ -282,3 +284,17 @@ def test_config_defaults_and_bad_credentials_path(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PUSH_NOTIFICATION_CREDENTIALS_FILE", "/nonexistent/sa.json")
     with pytest.raises(ConfigError, match="PUSH_NOTIFICATION_CREDENTIALS_FILE"):
         load_config(PushConfig)
+
+
+def test_a_group_push_request_notifies_each_recipients_offline_devices(push: PushNotification) -> None:
+    group = GroupPushRequest(
+        recipients=[PushRecipient(user_id="bob", exclude_devices=["tablet"]), PushRecipient(user_id="carol")],
+        conversation="group:g",
+        message_id="m7",
+        seq=7,
+        sender="alice",
+        preview="to all",
+        ts=10_000,
+    )
+    push.on_push_requests([group])
+    assert sent(push) == [("phone", "m7")]  # bob's tablet is online; carol has no device with a token
