@@ -11,12 +11,14 @@ Used by ``make run``/``make infra`` (helper/run.py) and by the test fixtures
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +26,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+
+# prctl(2): the signal a process gets when the thread that started it ends.
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies, even by SIGKILL.
+
+    Children run in their own session (a Ctrl-C must reach the runner alone, so
+    it can stop services before the broker), so without this a runner killed
+    outright left every server running, holding its port. SIGTERM (not
+    SIGKILL) lets a master stop what it forked itself: gunicorn its worker,
+    nginx its workers. The kernel ties the signal to the *thread* that forks,
+    so it is only set from the main thread (a helper thread that restarts a
+    service would take that service with it when it ends).
+    """
+    if _LIBC is None or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = _LIBC.prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def free_port() -> int:
@@ -56,7 +85,11 @@ def wait_until(
 
 @dataclass
 class Proc:
-    """A child server process with its log file, stopped as a process group."""
+    """A child server process with its log file, stopped as a process group.
+
+    It runs in its own session and dies with the process that started it (see
+    :func:`_die_with_parent`).
+    """
 
     name: str
     argv: list[str]
@@ -76,6 +109,7 @@ class Proc:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
         )
         out.close()
 

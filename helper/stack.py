@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,8 +113,9 @@ class Stack:
     embedded_mongo: bool = True
     auth_rate: str = "20r/s"
     auth_burst: int = 40
-    #: Set from a signal handler: starting stops at the next spawn or readiness check.
-    stop_requested: threading.Event = field(default_factory=threading.Event)
+    #: Set from a signal handler (a plain assignment: nothing that takes a lock runs
+    #: inside a handler); starting stops at the next spawn or readiness check.
+    stop_requested: bool = False
 
     @classmethod
     def for_tests(cls, var: Path, gateways: int = 2) -> Stack:
@@ -324,7 +324,7 @@ class Stack:
         self.procs[proc.name] = proc
 
     def _check_stop(self) -> None:
-        if self.stop_requested.is_set():
+        if self.stop_requested:
             raise StartInterrupted("stop requested while starting")
 
     def _ready(self, check: Callable[[], bool]) -> Callable[[], bool]:
