@@ -214,13 +214,13 @@ def render_nginx(settings: NginxSettings) -> Path:
         "USER_DIRECTIVE": user_directive,
         "UPSTREAMS": "\n".join(blocks),
         "PUBLIC_PORT": str(settings.public_port),
-        "WWW_ROOT": str(settings.www),
+        "WWW_ROOT": _quotable(settings.www),
         "DOCS_ROOT": str(settings.docs),
-        "NGINX_VAR": str(ngx),
+        "NGINX_VAR": _quotable(ngx),
         "AUTH_RATE": settings.auth_rate,
         "AUTH_BURST": str(settings.auth_burst),
         "MIME_TYPES": "/etc/nginx/mime.types",
-        "PID_FILE": str(ngx / "nginx.pid"),
+        "PID_FILE": _quotable(ngx / "nginx.pid"),
     }
     values.update(settings.extra)
     for key, value in values.items():
@@ -228,6 +228,11 @@ def render_nginx(settings: NginxSettings) -> Path:
     out = ngx / "nginx.conf"
     out.write_text(tmpl)
     return out
+
+
+def _quotable(path: Path) -> str:
+    """A path for a placeholder the template puts in double quotes (VAR_DIR may contain a space)."""
+    return str(path).replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _prepare_worker_user(var: Path, tmp: Path) -> str:
