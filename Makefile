@@ -88,9 +88,11 @@ typecheck: setup
 bench: setup
 	$(PY) -m bench.run
 
-# Regenerate docs/api.html and docs/events.md from docs/openapi.yaml and chatlib.schemas.
+# Regenerate docs/api.html and docs/events.md from docs/openapi.yaml and chatlib.schemas,
+# and the routes block of the nginx template from docs/openapi.yaml.
 docs: setup
 	$(PY) -m helper.gen_docs
+	$(PY) -m helper.nginx_routes
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -91,7 +91,12 @@ def create_app(name: str, health: HealthCheck | None = None, max_body_bytes: int
         message = {404: "no such endpoint", 405: "method not allowed", 413: "request body too large"}.get(
             status, err.description or code.value
         )
-        return jsonify(ApiError(code, message).to_body()), status
+        resp = jsonify(ApiError(code, message).to_body())
+        # A 405 lists what the route has (RFC 9110); werkzeug puts it in the exception's headers.
+        for name, value in err.get_headers():
+            if name.lower() == "allow":
+                resp.headers["Allow"] = value
+        return resp, status
 
     @app.errorhandler(ConnectionFailure)
     @app.errorhandler(KafkaError)
