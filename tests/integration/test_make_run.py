@@ -108,6 +108,7 @@ def test_a_signal_during_start_up_stops_what_was_started(tmp_path: Path, stack: 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_hard_stops_leave_no_process_and_no_port(tmp_path: Path, stack: object) -> None:
     """As a process manager stops it when it is in a hurry: SIGTERM to the group twice in
     quick succession (what `make` adds on top of a group kill), then SIGKILL of the runner.
@@ -160,6 +161,7 @@ def _exchange(a: WsClient, b: WsClient, c: WsClient, bob: User, group_id: str, c
     c.expect("message", id=gm, timeout=15)
 
 
+@pytest.mark.timeout(900)
 def test_a_restart_keeps_groups_and_conversations(tmp_path: Path, stack: object) -> None:
     """Groups and conversations made before a restart carry messages as soon as it is up.
 
