@@ -152,9 +152,9 @@ def json_body(optional: bool = False) -> dict[str, Any]:
 
 
 def int_arg(name: str, default: int | None, lo: int, hi: int) -> int | None:
-    """An integer query parameter within [lo, hi], or a 400."""
+    """An integer query parameter within [lo, hi], or a 400 (an empty value is not an integer)."""
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)

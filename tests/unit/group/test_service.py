@@ -92,6 +92,9 @@ def test_unknown_members_are_400_with_details(client: FlaskClient, service: Grou
         {"name": "x" * 101},
         {"name": "t", "public": "yes"},
         {"name": "t", "members": "bob"},
+        {"name": "t"},  # members is required, if only as []
+        {"name": "t", "members": None},
+        {"name": "t", "members": [""]},
     ],
 )
 def test_create_validation(client: FlaskClient, body: dict[str, Any]) -> None:
