@@ -10,13 +10,14 @@ export PYTHONPATH := $(CURDIR)/libs:$(CURDIR)
 SERVICES := profile group persistence session message-router group-router push-notification gateway
 
 .PHONY: help setup system-deps browser-deps run infra test test-unit test-integration test-e2e test-browser \
-        lint format typecheck bench topics docs clean $(addprefix run-,$(SERVICES))
+        lint format typecheck bench fuzz topics docs clean $(addprefix run-,$(SERVICES))
 
 help:
 	@echo "make run          set up and start the whole system on 127.0.0.1:8080 (PUBLIC_PORT in .env)"
 	@echo "make test         set up and run every test"
 	@echo "make infra        Kafka, MongoDB, topics and Nginx only"
 	@echo "make run-<svc>    one service in the foreground ($(SERVICES))"
+	@echo "make fuzz         a long fuzz run against docs/openapi.yaml; figures in docs/fuzzing.md"
 	@echo "make lint | format | typecheck | bench"
 
 # --- setup ---------------------------------------------------------------
@@ -87,6 +88,11 @@ typecheck: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# Tens of thousands of Schemathesis cases against a system of its own (make test runs a short one).
+FUZZ_EXAMPLES ?= 500
+fuzz: setup
+	$(PY) -m tests.fuzzing --max-examples $(FUZZ_EXAMPLES)
 
 # Regenerate docs/api.html and docs/events.md from docs/openapi.yaml and chatlib.schemas,
 # and the routes block of the nginx template from docs/openapi.yaml.
