@@ -188,6 +188,12 @@ def mongo_proc(port: int, var: Path) -> Proc:
     )
 
 
+#: Nginx drops an idle upstream connection before gunicorn does (its keepalive is 2 s):
+#: otherwise a request sent on a connection gunicorn is just closing is lost
+#: ("upstream prematurely closed connection"), a 503 for a POST, which is never retried.
+UPSTREAM_KEEPALIVE_TIMEOUT = "keepalive_timeout 1s;"
+
+
 @dataclass
 class NginxSettings:
     """What the nginx template needs to know."""
@@ -211,7 +217,10 @@ def render_nginx(settings: NginxSettings) -> Path:
             "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in ports) or "        server 127.0.0.1:9 down;"
         )
         balance = "        least_conn;\n" if len(ports) > 1 else ""
-        blocks.append(f"    upstream {name.replace('-', '_')} {{\n{balance}{servers}\n        keepalive 32;\n    }}")
+        blocks.append(
+            f"    upstream {name.replace('-', '_')} {{\n{balance}{servers}\n"
+            f"        keepalive 32;\n        {UPSTREAM_KEEPALIVE_TIMEOUT}\n    }}"
+        )
     ngx = settings.var / "nginx"
     for sub in ("tmp", "log"):
         (ngx / sub).mkdir(parents=True, exist_ok=True)
