@@ -114,8 +114,10 @@ def run(
         report = json.loads(Path(reports[0]).read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    shown = [a for a in cmd[1:] if a not in (base_url, str(work))]
+    shown = [a for i, a in enumerate(shown) if a not in ("--url", "--report-dir")]
     return FuzzRun(
-        command=" ".join(["schemathesis", *cmd[1:]]).replace(str(ROOT) + "/", ""),
+        command=" ".join(["schemathesis", *shown]).replace(str(ROOT) + "/", ""),
         exit_code=out.returncode,
         seed=int(report.get("seed") or seed),
         seconds=float(report["running_time"]),
@@ -154,6 +156,7 @@ def figures(result: FuzzRun, max_examples: int) -> str:
         f"| duration | {result.seconds / 60:.1f} min |",
         f"| failures (unique) | {failures} |",
         f"| errors | {len(result.errors)} |",
+        f"| machine load (1-min average) at the end | {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores |",
         "",
         f"Command: `{result.command}`",
         "",
