@@ -10,7 +10,7 @@ export PYTHONPATH := $(CURDIR)/libs:$(CURDIR)
 SERVICES := profile group persistence session message-router group-router push-notification gateway
 
 .PHONY: help setup system-deps browser-deps run infra test test-unit test-integration test-e2e test-browser \
-        lint format typecheck bench bench-quick topics docs clean $(addprefix run-,$(SERVICES))
+        lint format typecheck bench bench-quick fuzz topics docs clean $(addprefix run-,$(SERVICES))
 
 help:
 	@echo "make run          set up and start the whole system on 127.0.0.1:8080 (PUBLIC_PORT in .env)"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench        the full benchmark (~15-25 min): writes docs/benchmarks.md and docs/bench/"
 	@echo "make bench-quick  idle, one at a time, 200 msgs/s (< 3 min); figures to var/bench/"
 	@echo "                  (python -m bench.run --help: choose phases, rates and sizes)"
+	@echo "make fuzz         a long fuzz run against docs/openapi.yaml; figures in docs/fuzzing.md"
 	@echo "make lint | format | typecheck"
 
 # --- setup ---------------------------------------------------------------
@@ -97,9 +98,16 @@ bench-quick: setup
 	$(PY) -m bench.run --phases floor,idle,one,ladder --rates 200 --floor-count 200 --no-profile --no-docs \
 	  --one-budget 30 --drain 20 --quiet-budget 15 $(BENCH_ARGS)
 
-# Regenerate docs/api.html and docs/events.md from docs/openapi.yaml and chatlib.schemas.
+# Tens of thousands of Schemathesis cases against a system of its own (make test runs a short one).
+FUZZ_EXAMPLES ?= 500
+fuzz: setup
+	$(PY) -m tests.fuzzing --max-examples $(FUZZ_EXAMPLES)
+
+# Regenerate docs/api.html and docs/events.md from docs/openapi.yaml and chatlib.schemas,
+# and the routes block of the nginx template from docs/openapi.yaml.
 docs: setup
 	$(PY) -m helper.gen_docs
+	$(PY) -m helper.nginx_routes
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -11,12 +11,14 @@ Used by ``make run``/``make infra`` (helper/run.py) and by the test fixtures
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +26,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+
+# prctl(2): the signal a process gets when the thread that started it ends.
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies, even by SIGKILL.
+
+    Children run in their own session (a Ctrl-C must reach the runner alone, so
+    it can stop services before the broker), so without this a runner killed
+    outright left every server running, holding its port. SIGTERM (not
+    SIGKILL) lets a master stop what it forked itself: gunicorn its worker,
+    nginx its workers. The kernel ties the signal to the *thread* that forks,
+    so it is only set from the main thread (a helper thread that restarts a
+    service would take that service with it when it ends).
+    """
+    if _LIBC is None or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = _LIBC.prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def free_port() -> int:
@@ -56,7 +85,11 @@ def wait_until(
 
 @dataclass
 class Proc:
-    """A child server process with its log file, stopped as a process group."""
+    """A child server process with its log file, stopped as a process group.
+
+    It runs in its own session and dies with the process that started it (see
+    :func:`_die_with_parent`).
+    """
 
     name: str
     argv: list[str]
@@ -76,6 +109,7 @@ class Proc:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
         )
         out.close()
 
@@ -95,22 +129,28 @@ class Proc:
                 pass
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``; always reaps."""
+        """SIGTERM, then SIGKILL after ``timeout``; reaps."""
         if self.proc is None:
             return
         self.signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.proc.wait(5)
+            self.kill()
 
     def kill(self) -> None:
-        """SIGKILL the whole group now (crash tests)."""
+        """SIGKILL the whole group now (crash tests); reaps.
+
+        Never raises: on a machine loaded enough that even a killed process
+        is slow to go, the caller still goes on to stop the others.
+        """
         if self.proc is None:
             return
         self.signal(signal.SIGKILL)
-        self.proc.wait(5)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            print(f"{self.name} (pid {self.proc.pid}) still there 30 s after SIGKILL", file=sys.stderr, flush=True)
 
 
 def tansu_binary() -> str:
@@ -148,6 +188,12 @@ def mongo_proc(port: int, var: Path) -> Proc:
     )
 
 
+#: Nginx drops an idle upstream connection before gunicorn does (its keepalive is 2 s):
+#: otherwise a request sent on a connection gunicorn is just closing is lost
+#: ("upstream prematurely closed connection"), a 503 for a POST, which is never retried.
+UPSTREAM_KEEPALIVE_TIMEOUT = "keepalive_timeout 1s;"
+
+
 @dataclass
 class NginxSettings:
     """What the nginx template needs to know."""
@@ -171,7 +217,10 @@ def render_nginx(settings: NginxSettings) -> Path:
             "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in ports) or "        server 127.0.0.1:9 down;"
         )
         balance = "        least_conn;\n" if len(ports) > 1 else ""
-        blocks.append(f"    upstream {name.replace('-', '_')} {{\n{balance}{servers}\n        keepalive 32;\n    }}")
+        blocks.append(
+            f"    upstream {name.replace('-', '_')} {{\n{balance}{servers}\n"
+            f"        keepalive 32;\n        {UPSTREAM_KEEPALIVE_TIMEOUT}\n    }}"
+        )
     ngx = settings.var / "nginx"
     for sub in ("tmp", "log"):
         (ngx / sub).mkdir(parents=True, exist_ok=True)
@@ -180,13 +229,13 @@ def render_nginx(settings: NginxSettings) -> Path:
         "USER_DIRECTIVE": user_directive,
         "UPSTREAMS": "\n".join(blocks),
         "PUBLIC_PORT": str(settings.public_port),
-        "WWW_ROOT": str(settings.www),
+        "WWW_ROOT": _quotable(settings.www),
         "DOCS_ROOT": str(settings.docs),
-        "NGINX_VAR": str(ngx),
+        "NGINX_VAR": _quotable(ngx),
         "AUTH_RATE": settings.auth_rate,
         "AUTH_BURST": str(settings.auth_burst),
         "MIME_TYPES": "/etc/nginx/mime.types",
-        "PID_FILE": str(ngx / "nginx.pid"),
+        "PID_FILE": _quotable(ngx / "nginx.pid"),
     }
     values.update(settings.extra)
     for key, value in values.items():
@@ -194,6 +243,11 @@ def render_nginx(settings: NginxSettings) -> Path:
     out = ngx / "nginx.conf"
     out.write_text(tmpl)
     return out
+
+
+def _quotable(path: Path) -> str:
+    """A path for a placeholder the template puts in double quotes (VAR_DIR may contain a space)."""
+    return str(path).replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _prepare_worker_user(var: Path, tmp: Path) -> str:

@@ -5,23 +5,63 @@
     python -m helper.run service NAME   # one service in the foreground
 
 Reads .env (created from .env.tmpl by make). Ctrl-C or SIGTERM stops every
-process it started.
+process it started; so does the kernel if this runner is killed outright (each
+child gets SIGTERM when its parent dies, see ``helper.infra.Proc``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import select
 import signal
 import sys
+from pathlib import Path
 
 from .infra import ROOT
 from .stack import SERVICES, Stack, StartInterrupted, load_dotenv, spec
 
+#: What profile logs (once, at the first start) when it generated the administrator's password.
+GENERATED_PASSWORD = "created with a generated password"
 
-def _wait_for_signal(stack: Stack, watch: bool) -> int:
+
+class StopSignals:
+    """SIGINT and SIGTERM only set ``stack.stop_requested`` and wake :meth:`wait`.
+
+    The handler does nothing else: a handler that takes a lock (``Event.set``)
+    deadlocks when a second signal lands while the first is inside it, which
+    is what ``make`` does on Ctrl-C or a group kill (it forwards another
+    SIGTERM). The kernel writes each signal's number to a pipe
+    (``signal.set_wakeup_fd``), so the main loop wakes at once without polling.
+    """
+
+    def __init__(self, stack: Stack):
+        self.stack = stack
+        self._read, write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.stack.stop_requested = True
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds or until a signal; True once a stop was requested."""
+        if not self.stack.stop_requested:
+            select.select([self._read], [], [], timeout)
+            try:
+                os.read(self._read, 512)
+            except BlockingIOError:
+                pass
+        return self.stack.stop_requested
+
+
+def _wait_for_signal(stack: Stack, signals: StopSignals, watch: bool) -> int:
     code = 0
-    while not stack.stop_requested.wait(1.0):
+    while not signals.wait(1.0):
         if watch:
             dead = [p.name for p in stack.procs.values() if not p.alive()]
             if dead:
@@ -34,6 +74,54 @@ def _wait_for_signal(stack: Stack, watch: bool) -> int:
     return code
 
 
+def generated_password_line(profile_log: Path, start: int) -> str | None:
+    """The message profile logged in this run when it generated the administrator's password.
+
+    Only what was written since ``start`` (the log's size before this run) is
+    read: the password is generated at the first start only, and an old line
+    must not be shown as if it were still valid.
+    """
+    if not profile_log.exists():
+        return None
+    with profile_log.open("rb") as f:
+        f.seek(start)
+        for raw in f:
+            line = raw.decode("utf-8", "replace")
+            if GENERATED_PASSWORD not in line:
+                continue
+            try:
+                return str(json.loads(line).get("message", line.strip()))
+            except ValueError:
+                return line.strip()
+    return None
+
+
+def up_banner(stack: Stack, password_line: str | None) -> str:
+    """What the console shows once everything is up: where to go, where things are."""
+    admin = stack.env.get("ADMIN_USERNAME", "")
+    if not admin:
+        admin_line = "none (ADMIN_USERNAME is empty)"
+    elif password_line:
+        admin_line = f"{admin}\n    {password_line}"
+    elif stack.env.get("ADMIN_PASSWORD"):
+        admin_line = f"{admin} (password: ADMIN_PASSWORD in .env)"
+    else:
+        admin_line = f"{admin} (its password was generated and shown at the first start)"
+    data = f"{stack.var / 'mongo'} (MongoDB)" if stack.embedded_mongo else stack.mongo_url
+    lines = [
+        f"chat backend up: {stack.base_url}",
+        f"  tester page:    {stack.base_url}/",
+        f"  API reference:  {stack.base_url}/docs/",
+        f"  WebSocket:      {stack.ws_url}",
+        f"  logs:           {stack.var / 'log'}",
+        f"  data:           {data}",
+        f"  administrator:  {admin_line}",
+        f"  services:       {', '.join(stack.service_names())}; gateways: {stack.gateways}",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="helper.run")
     parser.add_argument("what", choices=["all", "infra", "service", "topics"])
@@ -43,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack.from_env(values)
     # From here on a signal, even one during start-up, stops whatever was started:
     # the handler only asks; starting checks between steps (see Stack._spawn).
-    signal.signal(signal.SIGINT, lambda *_: stack.stop_requested.set())
-    signal.signal(signal.SIGTERM, lambda *_: stack.stop_requested.set())
+    signals = StopSignals(stack)
     try:
         if args.what == "topics":
             stack.create_topics()
@@ -65,14 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"infrastructure up: Kafka {stack.kafka}, MongoDB {stack.mongo_url}, Nginx {stack.base_url}", flush=True
             )
             print("start services with make run-<service>; Ctrl-C stops.", flush=True)
-            return _wait_for_signal(stack, watch=True)
+            return _wait_for_signal(stack, signals, watch=True)
         print("starting Kafka, MongoDB, services and Nginx...", flush=True)
+        profile_log = stack.var / "log" / "profile.log"
+        log_start = profile_log.stat().st_size if profile_log.exists() else 0
         stack.start_all()
-        names = ", ".join(stack.service_names())
-        print(f"chat backend up: {stack.base_url}  (API under /v1, WebSocket {stack.ws_url}, test page /)", flush=True)
-        print(f"services: {names}; gateways: {stack.gateways}; logs in {stack.var / 'log'}", flush=True)
-        print("Ctrl-C stops everything.", flush=True)
-        return _wait_for_signal(stack, watch=True)
+        print(up_banner(stack, generated_password_line(profile_log, log_start)), flush=True)
+        return _wait_for_signal(stack, signals, watch=True)
     except StartInterrupted:
         print("signal during start-up: stopping what was started...", flush=True)
         stack.stop()

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,9 @@ class ServiceSpec:
     package: str
     port: int
     upstream: str | None = None  # nginx upstream it serves, if public
+    #: Started, and healthy, before the others: it owns a compacted topic others read
+    #: into views (and republishes it at start when the broker lost it), or it reads none.
+    first: bool = False
 
     def exists(self) -> bool:
         return (ROOT / "services" / self.package / "__main__.py").exists()
@@ -50,12 +52,12 @@ class ServiceSpec:
 
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("profile", "profile", 8101, "profile"),
-    ServiceSpec("group", "group", 8102, "group"),
+    ServiceSpec("group", "group", 8102, "group", first=True),
     ServiceSpec("persistence", "persistence", 8103, "persistence"),
-    ServiceSpec("session", "session", 8104),
+    ServiceSpec("session", "session", 8104, first=True),
     ServiceSpec("message-router", "message_router", 8105),
     ServiceSpec("group-router", "group_router", 8106),
-    ServiceSpec("push-notification", "push_notification", 8107),
+    ServiceSpec("push-notification", "push_notification", 8107, first=True),
     ServiceSpec("gateway", "gateway", 8111, "gateway"),
 )
 GATEWAY_BASE_PORT = 8111
@@ -112,8 +114,9 @@ class Stack:
     embedded_mongo: bool = True
     auth_rate: str = "20r/s"
     auth_burst: int = 40
-    #: Set from a signal handler: starting stops at the next spawn or readiness check.
-    stop_requested: threading.Event = field(default_factory=threading.Event)
+    #: Set from a signal handler (a plain assignment: nothing that takes a lock runs
+    #: inside a handler); starting stops at the next spawn or readiness check.
+    stop_requested: bool = False
 
     @classmethod
     def for_tests(cls, var: Path, gateways: int = 2) -> Stack:
@@ -286,16 +289,27 @@ class Stack:
         return proc
 
     def start_services(self) -> None:
-        """Every service that exists, gateways ``self.gateways`` times, started in parallel."""
-        pending: list[tuple[Proc, int]] = []
-        for name in self.service_names():
-            instances = range(1, self.gateways + 1) if name == "gateway" else [None]
-            for inst in instances:
-                proc = self.start_service(name, inst, wait=False)
-                key = f"gateway-{inst}" if name == "gateway" else name
-                pending.append((proc, self.ports[key]))
-        for proc, port in pending:
-            wait_until(self._ready(lambda port=port: self.healthy(port)), 90, proc.name, proc.proc)  # type: ignore[arg-type]
+        """Every service that exists, gateways ``self.gateways`` times, in two parallel waves.
+
+        The owners of compacted topics (group, session) come first: before they
+        answer /healthz they have put back on the broker what it lost (the
+        embedded broker starts empty, MongoDB does not). Only then do the
+        services that build views from those topics start, and each of them
+        answers /healthz once its views have read the topics to the end, so
+        the stack is "up" only when a message to an old group is routed.
+        """
+        names = self.service_names()
+        first = [n for n in names if spec(n).first]
+        for wave in (first, [n for n in names if n not in first]):
+            pending: list[tuple[Proc, int]] = []
+            for name in wave:
+                instances = range(1, self.gateways + 1) if name == "gateway" else [None]
+                for inst in instances:
+                    proc = self.start_service(name, inst, wait=False)
+                    key = f"gateway-{inst}" if name == "gateway" else name
+                    pending.append((proc, self.ports[key]))
+            for proc, port in pending:
+                wait_until(self._ready(lambda port=port: self.healthy(port)), 90, proc.name, proc.proc)  # type: ignore[arg-type]
 
     def start_all(self) -> None:
         self.start_infra(nginx=False)
@@ -320,7 +334,7 @@ class Stack:
         self.procs[proc.name] = proc
 
     def _check_stop(self) -> None:
-        if self.stop_requested.is_set():
+        if self.stop_requested:
             raise StartInterrupted("stop requested while starting")
 
     def _ready(self, check: Callable[[], bool]) -> Callable[[], bool]:

@@ -60,8 +60,11 @@ for name in $(sed -n 's|.*proxy_pass http://\([A-Za-z0-9_]*\)[;/].*|\1|p' "$TEMP
         block="$block
         server $server max_fails=0;"
     done
+    # keepalive_timeout below gunicorn's 2 s keepalive: Nginx drops an idle connection
+    # first, so no request is sent on one the service is closing (a lost POST).
     UPSTREAMS="$UPSTREAMS$block
         keepalive 32;
+        keepalive_timeout 1s;
     }
 "
 done

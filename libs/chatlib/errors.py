@@ -75,6 +75,17 @@ def invalid(message: str, **details: Any) -> ApiError:
     return ApiError(ErrorCode.INVALID_REQUEST, message, details)
 
 
+def reject_nulls(body: dict[str, Any], *fields: str) -> None:
+    """A 400 for an optional field sent as ``null``.
+
+    Absent means "the default"; no field of the reference is nullable, so a
+    ``null`` is a client error rather than a quiet default.
+    """
+    for name in fields:
+        if name in body and body[name] is None:
+            raise invalid(f"{name} must not be null", field=name)
+
+
 def forbidden(message: str = "not allowed") -> ApiError:
     return ApiError(ErrorCode.FORBIDDEN, message)
 

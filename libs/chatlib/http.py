@@ -91,7 +91,12 @@ def create_app(name: str, health: HealthCheck | None = None, max_body_bytes: int
         message = {404: "no such endpoint", 405: "method not allowed", 413: "request body too large"}.get(
             status, err.description or code.value
         )
-        return jsonify(ApiError(code, message).to_body()), status
+        resp = jsonify(ApiError(code, message).to_body())
+        # A 405 lists what the route has (RFC 9110); werkzeug puts it in the exception's headers.
+        for name, value in err.get_headers():
+            if name.lower() == "allow":
+                resp.headers["Allow"] = value
+        return resp, status
 
     @app.errorhandler(ConnectionFailure)
     @app.errorhandler(KafkaError)
@@ -147,9 +152,9 @@ def json_body(optional: bool = False) -> dict[str, Any]:
 
 
 def int_arg(name: str, default: int | None, lo: int, hi: int) -> int | None:
-    """An integer query parameter within [lo, hi], or a 400."""
+    """An integer query parameter within [lo, hi], or a 400 (an empty value is not an integer)."""
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)

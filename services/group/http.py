@@ -30,7 +30,10 @@ def blueprint(service: GroupService) -> Blueprint:
         user, _ = identity()
         body = json_body()
         name = logic.validate_name(body.get("name"))
-        members = logic.validate_user_ids(body.get("members"), limit=service.config.max_members)
+        if not isinstance(body.get("members"), list):
+            # Required (the contract's body), even when empty: the creator alone.
+            raise invalid("members must be a list of user ids (may be empty)", field="members")
+        members = logic.validate_user_ids(body["members"], limit=service.config.max_members)
         public = body.get("public", False)
         if not isinstance(public, bool):
             raise invalid("public must be true or false", field="public")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from chatlib.errors import ApiError, ErrorCode
+from chatlib.republish import OwnedTopic
 from chatlib.schemas import (
     ChannelCreated,
     ChannelDeleted,
@@ -70,6 +71,7 @@ class GroupService(Service):
 
     store = Storage(GroupStore)
     producer = Producer()
+    owned = OwnedTopic(GROUP_CHANGES)
 
     def __init__(self, config: GroupConfig, **overrides: Any):
         super().__init__(config, **overrides)
@@ -78,7 +80,13 @@ class GroupService(Service):
     # -- lifecycle --------------------------------------------------------
 
     def on_setup(self) -> None:
-        """Publish changes a crash left unpublished, then make sure the default channel exists."""
+        """Put every group back on the topic if the broker lost it, publish changes a crash
+        left unpublished, then make sure the default channel exists.
+
+        This runs before the worker serves and before any consumer starts, so
+        nothing newer can be overtaken by a republished record.
+        """
+        self.owned.restore_if_lost(self.republish_all)
         self.republish_pending()
         self.seed_default_channel()
 
@@ -86,6 +94,29 @@ class GroupService(Service):
         from .http import blueprint
 
         app.register_blueprint(blueprint(self))
+
+    def republish_all(self) -> int:
+        """Publish every group's latest change again (the record the compacted topic held).
+
+        Each group is read and published under its lock, so a change made
+        meanwhile (when called while serving) is never overtaken. A group
+        stored before the latest change was kept gets a snapshot as an
+        ``updated`` change. Returns the number of groups published.
+        """
+        count = 0
+        for group, last in self.store.get_all_latest():
+            with self._lock(group.group_id):
+                found = self.store.get_group(group.group_id)
+                if found is None:
+                    continue
+                current = found[0]
+                if last is None or last.group != current:
+                    kind: logic.ChangeKind = "deleted" if current.deleted else "updated"
+                    last = logic.change(current, kind, [], None, now_ms())
+                self.producer.send(GROUP_CHANGES, last, key=current.group_id)
+                count += 1
+        self.producer.flush()
+        return count
 
     def republish_pending(self) -> None:
         for ch, version in self.store.get_pending():

@@ -1,15 +1,17 @@
 """MongoDB storage of the group service: groups, a projection of users, seed markers.
 
 A group document is its snapshot plus ``member_ids`` (indexed, for "my
-groups"), a ``version`` for optimistic concurrency and ``pending``: the
+groups"), a ``version`` for optimistic concurrency, ``pending``: the
 GroupChanged event not yet confirmed published (an outbox of one), so a
-change stored before a crash is published again at the next start.
+change stored before a crash is published again at the next start, and
+``last``: the latest GroupChanged, the record the compacted topic holds for
+this group, published again when the broker lost the topic.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from chatlib.mongo import Index, find_in, journaled
@@ -31,6 +33,7 @@ def _to_doc(group: GroupSnapshot, version: int, pending: GroupChanged | None) ->
     doc["member_ids"] = [m.user_id for m in group.members]
     doc["version"] = version
     doc["pending"] = pending.model_dump(mode="json") if pending is not None else None
+    doc["last"] = doc["pending"]
     return doc
 
 
@@ -80,6 +83,13 @@ class GroupStore:
         out = [(GroupChanged.model_validate(d["pending"]), int(d.get("version", 0))) for d in docs]
         out.sort(key=lambda p: p[0].ts)
         return out
+
+    def get_all_latest(self) -> Iterator[tuple[GroupSnapshot, GroupChanged | None]]:
+        """Every group (deleted ones too) with its latest change; None for a group stored
+        before changes were kept (``last``)."""
+        for doc in self.groups.find({}, {"pending": 0}).sort("_id", 1):
+            last = doc.get("last")
+            yield _to_group(doc), GroupChanged.model_validate(last) if last else None
 
     def get_groups_of(self, user_id: str) -> list[GroupSnapshot]:
         docs = self.groups.find({"member_ids": user_id, "deleted": False})

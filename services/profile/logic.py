@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
-from chatlib.errors import ApiError, ErrorCode, invalid
+from chatlib.errors import ApiError, ErrorCode, invalid, reject_nulls
 
 # ---------------------------------------------------------------------------
 # Account states and limits
@@ -129,6 +129,7 @@ class SignupRequest:
 
 
 def parse_signup(body: dict[str, Any]) -> SignupRequest:
+    reject_nulls(body, "name")
     username = validate_username(body.get("username"))
     password = validate_password(body.get("password"))
     return SignupRequest(username, password, validate_name(body.get("name"), username))
@@ -145,6 +146,7 @@ class LoginRequest:
 
 def parse_login(body: dict[str, Any]) -> LoginRequest:
     """Shapes are checked (400); a username or password of the wrong format just fails to match (401)."""
+    reject_nulls(body, "device_id", "device_type", "push_token")
     username = _string(body, "username", True)
     password = _string(body, "password", True)
     device_id = _string(body, "device_id", False)
@@ -162,6 +164,7 @@ def parse_login(body: dict[str, Any]) -> LoginRequest:
 
 def parse_profile_patch(body: dict[str, Any], current_username: str) -> dict[str, str]:
     """The fields a PATCH /v1/me changes: ``name`` and/or ``username``."""
+    reject_nulls(body, "name", "username")
     if "name" not in body and "username" not in body:
         raise invalid("give name and/or username to change", field="name")
     changes: dict[str, str] = {}

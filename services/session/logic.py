@@ -265,6 +265,21 @@ def compute_user(
     return UserUpdate(user, devices, sessions, presence)
 
 
+def stored_sessions(user: UserState, conns: Iterable[Conn]) -> UserSessions:
+    """The UserSessions last published for ``user``, rebuilt from what is stored.
+
+    :func:`compute_user` stores the user's state and publishes its live
+    connections; both are still in MongoDB, so this is the same record.
+    """
+    live: dict[str, list[Conn]] = {}
+    for c in conns:
+        if c.live and c.user_id == user.user_id:
+            live.setdefault(c.device_id, []).append(c)
+    return UserSessions(
+        user_id=user.user_id, devices=session_devices(live), online=user.online, last_seen=user.last_seen
+    )
+
+
 def session_devices(live: dict[str, list[Conn]]) -> list[SessionDevice]:
     """One entry per (device, gateway): the latest socket the device has on that gateway.
 

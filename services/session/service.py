@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from chatlib.republish import OwnedTopic
 from chatlib.schemas import Event, now_ms
 from chatlib.service import Producer, Service, ServiceConfig, Storage, consume
 from chatlib.topics import PRESENCE, SESSION_CHANGES, SESSION_EVENTS
@@ -51,6 +52,7 @@ class Session(Service):
 
     store = Storage(SessionStore)
     producer = Producer()
+    owned = OwnedTopic(SESSION_CHANGES)
 
     config: SessionConfig
 
@@ -63,6 +65,10 @@ class Session(Service):
         self.started_at = now_ms()
 
     # -- lifecycle --------------------------------------------------------
+
+    def on_setup(self) -> None:
+        """Put every user's sessions back on the topic if the broker lost it (before any consumer runs)."""
+        self.owned.restore_if_lost(self.republish_all)
 
     def on_start(self) -> None:
         self.started_at = now_ms()
@@ -156,6 +162,28 @@ class Session(Service):
                 self.producer.send(PRESENCE, up.presence, up.user.user_id)
         # Committed offsets must not run ahead of what was published.
         self.producer.flush()
+
+    def republish_all(self) -> int:
+        """Publish every stored user's sessions again, as they were last published; returns how many.
+
+        Holds the lock the consumer and the expiry loop take, so a change made
+        meanwhile (when called while serving) is never overtaken. Connections
+        of gateways that are gone are put back as they are: those gateways'
+        successors report what they hold in their heartbeats, and the silent
+        ones expire as usual.
+        """
+        count = 0
+        with self._lock:
+            for users in self.store.get_all_users():
+                conns: dict[str, list[logic.Conn]] = {}
+                for c in self.store.get_connections_of_users([u.user_id for u in users]):
+                    conns.setdefault(c.user_id, []).append(c)
+                for user in users:
+                    sessions = logic.stored_sessions(user, conns.get(user.user_id, []))
+                    self.producer.send(SESSION_CHANGES, sessions, user.user_id)
+                    count += 1
+            self.producer.flush()
+        return count
 
     # -- queries (internal HTTP) -----------------------------------------
 

@@ -12,7 +12,7 @@ Collections:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from chatlib.mongo import Index, chunked, find_in
@@ -147,6 +147,17 @@ class SessionStore:
             d["_id"]: UserState(d["_id"], bool(d.get("online", False)), int(d.get("last_seen", 0)))
             for d in find_in(self.users, "_id", user_ids)
         }
+
+    def get_all_users(self, batch: int = 500) -> Iterator[list[UserState]]:
+        """Every user with a stored state, ``batch`` at a time (ordered by id)."""
+        part: list[UserState] = []
+        for d in self.users.find({}).sort("_id", 1):
+            part.append(UserState(d["_id"], bool(d.get("online", False)), int(d.get("last_seen", 0))))
+            if len(part) == batch:
+                yield part
+                part = []
+        if part:
+            yield part
 
     def set_states(self, devices: list[DeviceState], users: list[UserState]) -> None:
         """Write device and user states, one bulk per collection."""

@@ -1,121 +1,69 @@
-"""`make run` as a user runs it: it comes up, serves signup and login through
-Nginx, and on SIGTERM stops every process it started."""
+"""`make run` as a user runs it: it comes up and says where everything is, serves
+signup and login through Nginx, stops every process it started on SIGTERM,
+even when stopped hard, and keeps every group and conversation across a restart.
+
+Each test runs `make run` next to the suite's own system (the `stack` fixture),
+on other ports, as on a developer machine, with VAR_DIR in a temporary directory
+(its path marks every process the run starts).
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
-from helper.infra import ROOT, free_port, port_open
-from helper.stack import SERVICES
+from helper.infra import ROOT
+from tests.integration.makerun import MakeRun, all_ports, free_ports, procs_with_env
+from tests.support import Api, User, WsClient, dm_id, eventually, history, new_user
 
-
-def _procs_with_env(marker: str) -> list[int]:
-    """PIDs of live processes whose environment contains ``marker``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().split()[2]
-        except OSError:
-            continue
-        if marker.encode() in env and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return f"{pid} (gone)"
-
-
-def _two_free_ports() -> int:
-    while True:
-        p = free_port()
-        if p < 65000 and not port_open(p + 1):
-            return p
-
-
-def _kill_leftovers(marker: str) -> None:
-    """After a failure, leave no stray system behind to slow the rest of the suite."""
-    for pid in _procs_with_env(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+UP = "Ctrl-C stops everything."
 
 
 def _make_run_env(var: Path) -> dict[str, str]:
-    gateway = _two_free_ports()
-    taken = {gateway, gateway + 1}
-
-    def port() -> str:
-        # Never hand a service the second gateway's port (the gateways use GATEWAY_PORT + i).
-        while (p := free_port()) in taken:
-            pass
-        taken.add(p)
-        return str(p)
-
     env = dict(os.environ)
+    env.update(free_ports())
     env.update(
         {
             "VAR_DIR": str(var),
-            "PUBLIC_PORT": port(),
-            "EMBEDDED_KAFKA_PORT": port(),
-            "EMBEDDED_MONGO_PORT": port(),
-            "GATEWAY_PORT": str(gateway),
             "GATEWAY_INSTANCES": "2",
             "KAFKA_BOOTSTRAP_SERVERS": "",
             "MONGO_URL": "",
             "GATEWAY_ALLOWED_ORIGINS": "*",
         }
     )
-    for s in SERVICES:
-        if s.name != "gateway":
-            env[f"{s.package.upper()}_PORT"] = port()
     return env
 
 
-def _start_make_run(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        ["make", "--no-print-directory", "run"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+def _make_run(var: Path, env: dict[str, str]) -> MakeRun:
+    return MakeRun(ROOT, env, str(var)).start()
 
 
 def test_make_run_serves_and_stops_clean(tmp_path: Path, stack: object) -> None:
-    # `stack` is requested so the suite's own system is already up: this proves
-    # `make run` works next to it on other ports, as on a developer machine.
     var = tmp_path / "var"
     env = _make_run_env(var)
+    env["ADMIN_PASSWORD"] = ""
     base = f"http://127.0.0.1:{env['PUBLIC_PORT']}"
-    make = _start_make_run(env)
-    output: list[str] = []
+    run = _make_run(var, env)
     try:
-        deadline = time.monotonic() + 180
-        assert make.stdout is not None
-        while time.monotonic() < deadline:
-            line = make.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if "chat backend up" in line:
-                break
-        assert any(base in line for line in output), "".join(output)
+        run.wait_for(UP, 180)
+        # The console says where to go and where things are, and shows the generated password.
+        console = run.output
+        assert f"tester page:    {base}/" in console
+        assert f"API reference:  {base}/docs/" in console
+        assert f"logs:           {var / 'log'}" in console
+        assert f"data:           {var / 'mongo'}" in console
+        assert "administrator:  admin" in console
+        shown = next(line for line in run.lines if "created with a generated password" in line)
+        password = shown.rsplit(": ", 1)[1].strip()
+        r = requests.post(
+            f"{base}/v1/auth/login", json={"username": "admin", "password": password, "device_type": "web"}, timeout=10
+        )
+        assert r.status_code == 200, r.text
 
         r = requests.post(f"{base}/v1/auth/signup", json={"username": "makerun", "password": "password123"}, timeout=10)
         assert r.status_code == 201, r.text
@@ -128,21 +76,14 @@ def test_make_run_serves_and_stops_clean(tmp_path: Path, stack: object) -> None:
         token = r.json()["access_token"]
         me = requests.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert me.json()["username"] == "makerun"
-        started = _procs_with_env(str(var))
-        assert len(started) >= 4  # make, helper, kafka, mongo, nginx, services...
-    finally:
-        os.killpg(make.pid, signal.SIGTERM)
-        try:
-            rest, _ = make.communicate(timeout=60)
-            output.append(rest)
-        except subprocess.TimeoutExpired:
-            os.killpg(make.pid, signal.SIGKILL)
-            _kill_leftovers(str(var))
-            raise
-    assert "stopped." in "".join(output), "".join(output)[-3000:]
-    time.sleep(0.5)
-    assert _procs_with_env(str(var)) == [], "processes left running after make run stopped"
-    assert not port_open(int(env["PUBLIC_PORT"]))
+        assert len(procs_with_env(str(var))) >= 4  # make, helper, kafka, mongo, nginx, services...
+        run.signal_group(signal.SIGTERM)
+        run.wait(60)
+    except BaseException:
+        run.kill()
+        raise
+    assert "stopped." in run.output, run.output[-3000:]
+    assert run.left_behind(all_ports(env), timeout=10) == [], "left running after make run stopped"
     # Data lives under VAR_DIR and survives for the next start.
     assert (var / "mongo").is_dir()
 
@@ -150,26 +91,123 @@ def test_make_run_serves_and_stops_clean(tmp_path: Path, stack: object) -> None:
 def test_a_signal_during_start_up_stops_what_was_started(tmp_path: Path, stack: object) -> None:
     var = tmp_path / "var"
     env = _make_run_env(var)
-    make = _start_make_run(env)
+    run = _make_run(var, env)
     try:
-        assert make.stdout is not None
-        for line in make.stdout:
-            if "starting Kafka" in line:
-                break
+        run.wait_for("starting Kafka", 120)
         # Wait until some of the system is up, but not all of it.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (var / "log" / "profile.log").exists():
-            time.sleep(0.1)
-        assert (var / "log" / "profile.log").exists()
-        os.killpg(make.pid, signal.SIGTERM)
-        rest, _ = make.communicate(timeout=60)
+        eventually(lambda: (var / "log" / "profile.log").exists(), timeout=60, what="services starting")
+        run.signal_group(signal.SIGTERM)
+        run.wait(60)
     except BaseException:
-        os.killpg(make.pid, signal.SIGKILL)
-        _kill_leftovers(str(var))
+        run.kill()
         raise
-    assert "signal during start-up: stopping what was started" in rest, rest[-3000:]
-    time.sleep(0.5)
-    leftovers = _procs_with_env(str(var))
-    names = [_cmdline(pid) for pid in leftovers]
-    _kill_leftovers(str(var))
-    assert names == [], "processes left running after a signal during start-up"
+    assert "signal during start-up: stopping what was started" in run.output, run.output[-3000:]
+    leftovers = run.left_behind(all_ports(env), timeout=10)
+    run.kill()
+    assert leftovers == [], "left running after a signal during start-up"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_hard_stops_leave_no_process_and_no_port(tmp_path: Path, stack: object) -> None:
+    """As a process manager stops it when it is in a hurry: SIGTERM to the group twice in
+    quick succession (what `make` adds on top of a group kill), then SIGKILL of the runner.
+    Nothing may be left, whether it was starting or up: the next start needs the ports."""
+    var = tmp_path / "var"
+    env = _make_run_env(var)
+    ports = all_ports(env)
+    for moment in ("starting", "up"):
+        run = _make_run(var, env)
+        try:
+            if moment == "starting":
+                run.wait_for("starting Kafka", 120)
+                log = var / "log" / "group.log"
+                start = log.stat().st_size if log.exists() else 0
+                eventually(lambda: log.exists() and log.stat().st_size > start, timeout=60, what="services starting")
+            else:
+                run.wait_for(UP, 180)
+            runner = run.runner_pid()
+            run.signal_group(signal.SIGTERM)
+            time.sleep(0.05)
+            run.signal_group(signal.SIGTERM)
+            time.sleep(0.3)
+            os.kill(runner, signal.SIGKILL)
+            run.wait(30)
+            leftovers = run.left_behind(ports, timeout=60)
+        except BaseException:
+            run.kill()
+            raise
+        run.kill()
+        assert leftovers == [], f"left behind after a hard stop while {moment}"
+
+
+def _login(base: str, user: User) -> User:
+    """The same user and device with fresh tokens (after a restart, as a client would)."""
+    r = Api(base).post("/v1/auth/refresh", json={"refresh_token": user.refresh_token})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    user.access_token, user.refresh_token = body["access_token"], body["refresh_token"]
+    return user
+
+
+def _exchange(a: WsClient, b: WsClient, c: WsClient, bob: User, group_id: str, conv_dm: str, tag: str) -> None:
+    """One direct message alice -> bob and one group message bob -> the group, each acked and delivered."""
+    dm = a.send_message(to=bob.user_id, body=f"dm {tag}")
+    a.expect("ack", id=dm, timeout=15)
+    assert b.expect("message", id=dm, timeout=15)["conversation"] == conv_dm
+    gm = b.send_message(group=group_id, body=f"group {tag}")
+    b.expect("ack", id=gm, timeout=15)
+    a.expect("message", id=gm, timeout=15)
+    c.expect("message", id=gm, timeout=15)
+
+
+@pytest.mark.timeout(900)
+def test_a_restart_keeps_groups_and_conversations(tmp_path: Path, stack: object) -> None:
+    """Groups and conversations made before a restart carry messages as soon as it is up.
+
+    The embedded broker starts empty each time while MongoDB keeps its data: the
+    owners of the compacted topics (groups, sessions) must put them back before the
+    views built from them report up.
+    """
+    var = tmp_path / "var"
+    env = _make_run_env(var)
+    base = f"http://127.0.0.1:{env['PUBLIC_PORT']}"
+    run = _make_run(var, env)
+    sockets: list[WsClient] = []
+    try:
+        run.wait_for(UP, 180)
+        alice, bob, carol = (new_user(base) for _ in range(3))
+        r = alice.api.post("/v1/groups", json={"name": "before", "members": [bob.user_id, carol.user_id]})
+        assert r.status_code == 201, r.text
+        group_id = r.json()["group_id"]
+        conv_dm, conv_group = dm_id(alice, bob), f"group:{group_id}"
+        sockets = [alice.connect(), bob.connect(), carol.connect()]
+        _exchange(*sockets, bob, group_id, conv_dm, "before")
+        seen_before = Api(base, alice.access_token).get(f"/v1/users/{carol.username}").json()["last_seen"]
+        for ws in sockets:
+            ws.close()
+        run.signal_group(signal.SIGINT)  # Ctrl-C
+        run.wait(60)
+        assert "stopped." in run.output, run.output[-3000:]
+
+        run = _make_run(var, env)
+        run.wait_for(UP, 180)
+        alice, bob, carol = (_login(base, u) for u in (alice, bob, carol))
+        # Sessions came back too: carol's last sighting is known before she reconnects.
+        assert Api(base, alice.access_token).get(f"/v1/users/{carol.username}").json()["last_seen"] >= seen_before
+        sockets = [alice.connect(), bob.connect(), carol.connect()]
+        _exchange(*sockets, bob, group_id, conv_dm, "after")
+        for conv, who in ((conv_dm, alice), (conv_group, carol)):
+            bodies = [m["body"] for m in history(who, conv)["messages"]]
+            kind = "dm" if conv == conv_dm else "group"
+            assert bodies == [f"{kind} after", f"{kind} before"], f"history of {conv}: {bodies}"
+        for ws in sockets:
+            ws.close()
+        run.signal_group(signal.SIGINT)
+        run.wait(60)
+    except BaseException:
+        for ws in sockets:
+            ws.close()
+        run.kill()
+        raise
+    assert run.left_behind(all_ports(env), timeout=10) == []

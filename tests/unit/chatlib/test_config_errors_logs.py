@@ -90,6 +90,7 @@ def test_app_factory_errors_request_id_health_metrics() -> None:
     assert r.status_code == 404 and r.json["error"]["code"] == "not_found"
     r = client.post("/healthz")
     assert r.status_code == 405 and r.json["error"]["code"] == "method_not_allowed"
+    assert {m.strip() for m in r.headers["Allow"].split(",")} >= {"GET", "HEAD"}
     assert client.get("/healthz").json == {"status": "ok", "checks": {"db": True}}
     assert b"http_requests_total" in client.get("/metrics").data
 
@@ -117,3 +118,21 @@ def test_json_log_lines_carry_service_and_no_secret(capsys: pytest.CaptureFixtur
     assert record["service"] == "demo"
     assert record["level"] == "WARNING"
     assert "eyJaaaaaaa" not in err
+
+
+def test_an_empty_integer_parameter_is_a_400_not_the_default() -> None:
+    from chatlib.http import create_app, int_arg
+    from flask import jsonify
+
+    app = create_app("t")
+
+    @app.get("/n")
+    def n() -> object:
+        return jsonify({"n": int_arg("n", 20, 0, 100)})
+
+    client = app.test_client()
+    assert client.get("/n").json == {"n": 20}
+    assert client.get("/n?n=7").json == {"n": 7}
+    for bad in ("", "x", "101", "-1"):
+        r = client.get(f"/n?n={bad}")
+        assert r.status_code == 400 and r.json["error"]["details"] == {"field": "n"}, bad

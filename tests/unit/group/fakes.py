@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from chatlib.schemas import Event, GroupChanged, GroupSnapshot
@@ -32,11 +33,22 @@ class _Done:
         return None
 
 
+class FakeOwnedTopic:
+    """Stands in for chatlib.republish.TopicOwner: ``lost`` says whether the topic lost its records."""
+
+    def __init__(self, lost: bool = False) -> None:
+        self.lost = lost
+
+    def restore_if_lost(self, republish: Callable[[], int]) -> int:
+        return republish() if self.lost else 0
+
+
 class FakeGroupStore:
     """The GroupStore interface over dicts."""
 
     def __init__(self) -> None:
         self.groups: dict[str, tuple[GroupSnapshot, int, GroupChanged | None]] = {}
+        self.last: dict[str, GroupChanged] = {}
         self.users: dict[str, bool] = {}
         self.meta: dict[str, str] = {}
         self.conflicts = 0  # make the next N set_group calls lose a race
@@ -48,6 +60,7 @@ class FakeGroupStore:
     def insert_group(self, group: GroupSnapshot, pending: GroupChanged) -> None:
         assert group.group_id not in self.groups
         self.groups[group.group_id] = (group, 1, pending)
+        self.last[group.group_id] = pending
 
     def set_group(self, group: GroupSnapshot, version: int, pending: GroupChanged) -> bool:
         if self.conflicts:
@@ -57,6 +70,7 @@ class FakeGroupStore:
         if current is None or current[1] != version:
             return False
         self.groups[group.group_id] = (group, version + 1, pending)
+        self.last[group.group_id] = pending
         return True
 
     def delete_pending(self, group_id: str, version: int) -> None:
@@ -66,6 +80,10 @@ class FakeGroupStore:
 
     def get_pending(self) -> list[tuple[GroupChanged, int]]:
         return [(p, v) for _, v, p in self.groups.values() if p is not None]
+
+    def get_all_latest(self) -> Iterator[tuple[GroupSnapshot, GroupChanged | None]]:
+        for gid in sorted(self.groups):
+            yield self.groups[gid][0], self.last.get(gid)
 
     def get_groups_of(self, user_id: str) -> list[GroupSnapshot]:
         return [g for g, _, _ in self.groups.values() if not g.deleted and user_id in g.member_ids()]

@@ -10,7 +10,7 @@ from flask.testing import FlaskClient
 
 from services.group.service import GroupConfig, GroupService
 
-from .fakes import FakeGroupStore, FakePublisher
+from .fakes import FakeGroupStore, FakeOwnedTopic, FakePublisher
 
 
 @pytest.fixture
@@ -19,6 +19,7 @@ def service() -> GroupService:
         GroupConfig(user_wait_s=0, max_members=5, default_channel="lobby"),
         store=FakeGroupStore(),
         producer=FakePublisher(),
+        owned=FakeOwnedTopic(),
     )
     svc.on_user_events(
         [UserRegistered(user_id=u, username=u, name=u) for u in ("alice", "bob", "carol", "dave", "eve")]
@@ -91,6 +92,9 @@ def test_unknown_members_are_400_with_details(client: FlaskClient, service: Grou
         {"name": "x" * 101},
         {"name": "t", "public": "yes"},
         {"name": "t", "members": "bob"},
+        {"name": "t"},  # members is required, if only as []
+        {"name": "t", "members": None},
+        {"name": "t", "members": [""]},
     ],
 )
 def test_create_validation(client: FlaskClient, body: dict[str, Any]) -> None:
@@ -243,6 +247,37 @@ def test_pending_changes_are_republished_on_start(service: GroupService) -> None
     service.producer = working
     service.republish_pending()
     assert changes(service)[-1].event == "created" and service.store.get_pending() == []
+
+
+def test_every_group_is_republished_when_the_topic_lost_it(client: FlaskClient, service: GroupService) -> None:
+    service.on_setup()  # the default channel
+    kept = create(client, members=["bob"])
+    renamed = create(client, members=["bob", "carol"])
+    call(client, "PATCH", f"/v1/groups/{renamed}", "alice", json={"name": "renamed"})
+    deleted = create(client, members=["bob"])
+    call(client, "DELETE", f"/v1/groups/{deleted}", "alice")
+    latest = {ch.group.group_id: ch for ch in changes(service)}
+    service.producer.sent.clear()  # type: ignore[attr-defined]
+
+    service.on_setup()  # the topic kept them
+    assert changes(service) == []
+
+    service.owned.lost = True  # type: ignore[attr-defined]
+    service.on_setup()
+    again = changes(service)
+    # The very records the topic held: one per group, deleted ones too, each its group's latest change.
+    assert {ch.group.group_id: ch for ch in again} == latest and len(again) == len(latest)
+    assert {gid for gid in latest} >= {kept, renamed, deleted}
+    assert all(key == ch.group.group_id for _, ch, key in service.producer.sent)  # type: ignore[attr-defined]
+
+
+def test_a_group_stored_without_its_latest_change_is_republished_as_a_snapshot(service: GroupService) -> None:
+    group = service.create_group("alice", "old", ["bob"], False)
+    service.store.last.clear()  # type: ignore[attr-defined]
+    service.producer.sent.clear()  # type: ignore[attr-defined]
+    assert service.republish_all() == 1
+    (ch,) = changes(service)
+    assert ch.event == "updated" and ch.group == group and ch.users == []
 
 
 def test_concurrent_change_is_retried(client: FlaskClient, service: GroupService) -> None:

@@ -62,9 +62,24 @@ def test_login_parsing() -> None:
         ({"username": "a", "password": "b", "device_id": 5}, "device_id"),
         ({"username": "a", "password": "b", "device_id": ""}, "device_id"),
         ({"username": "a", "password": "b", "push_token": ""}, "push_token"),
+        # Absent is the default; null is not (no field of the reference is nullable).
+        ({"username": "a", "password": "b", "push_token": None}, "push_token"),
+        ({"username": "a", "password": "b", "device_id": None}, "device_id"),
+        ({"username": "a", "password": "b", "device_type": None}, "device_type"),
     ]:
         with pytest.raises(ApiError) as exc:
             logic.parse_login(body)
+        assert field_of(exc) == field
+
+
+def test_nulls_are_refused_where_a_field_may_only_be_absent() -> None:
+    for parse, body, field in [
+        (logic.parse_signup, {"username": "abc", "password": "long enough", "name": None}, "name"),
+        (lambda b: logic.parse_profile_patch(b, "me"), {"name": None}, "name"),
+        (lambda b: logic.parse_profile_patch(b, "me"), {"username": None}, "username"),
+    ]:
+        with pytest.raises(ApiError) as exc:
+            parse(body)
         assert field_of(exc) == field
 
 

@@ -70,6 +70,11 @@ class FakeStore:
         users = set(user_ids)
         return [d for d in self.devices.values() if d.user_id in users]
 
+    def get_all_users(self, batch: int = 500) -> Any:
+        users = [self.users[u] for u in sorted(self.users)]
+        for i in range(0, len(users), batch):
+            yield users[i : i + batch]
+
     def get_users(self, user_ids: Any) -> dict[str, UserState]:
         return {u: self.users[u] for u in user_ids if u in self.users}
 
@@ -89,6 +94,16 @@ class FakeStore:
 
     def set_gateway_expired(self, gateway: str) -> None:
         self.gateways[gateway] = replace(self.gateways[gateway], expired=True)
+
+
+class FakeOwnedTopic:
+    """Stands in for chatlib.republish.TopicOwner: ``lost`` says whether the topic lost its records."""
+
+    def __init__(self) -> None:
+        self.lost = False
+
+    def restore_if_lost(self, republish: Any) -> int:
+        return int(republish()) if self.lost else 0
 
 
 class FakePublisher:
@@ -111,7 +126,7 @@ class FakePublisher:
 
 def make(**cfg: Any) -> tuple[Session, FakeStore, FakePublisher]:
     store, pub = FakeStore(), FakePublisher()
-    svc = Session(SessionConfig(**cfg), store=store, producer=pub)
+    svc = Session(SessionConfig(**cfg), store=store, producer=pub, owned=FakeOwnedTopic())
     return svc, store, pub
 
 
@@ -374,3 +389,29 @@ def test_compute_user_expired_connection_is_not_online() -> None:
     conns = [Conn("c", "u", "d", "gw1", 1, live=False)]
     up = compute_user("u", conns, [], None, now=10)
     assert not up.user.online and up.sessions.devices == [] and up.presence is None
+
+
+# -- the topic lost -----------------------------------------------------------------
+
+
+def test_every_users_sessions_are_republished_as_last_published_when_the_topic_lost_them() -> None:
+    svc, _, pub = make()
+    svc.on_session_events(
+        [
+            connect("c1", "alice", "d1", "gw1", ts=1000),
+            connect("c2", "alice", "d2", "gw2", ts=1100, primary=False),
+            connect("c3", "bob", "d1", "gw1", ts=1200),
+        ]
+    )
+    svc.on_session_events([disconnect("c3", "bob", "d1", "gw1", ts=1300)])
+    last = {u: pub.sessions(u)[-1] for u in ("alice", "bob")}
+    pub.sent.clear()
+
+    svc.on_setup()  # the topic kept them
+    assert pub.sent == []
+
+    svc.owned.lost = True  # type: ignore[attr-defined]
+    svc.on_setup()
+    assert {u: pub.sessions(u) for u in ("alice", "bob")} == {u: [s] for u, s in last.items()}
+    assert [k for _, k, _ in pub.sent] == ["alice", "bob"] and pub.flushed
+    assert not [e for _, _, e in pub.sent if isinstance(e, PresenceChanged)]
