@@ -19,8 +19,11 @@ Collections (all in the shared database, names owned by this service):
   message costs no per-member write.
 - ``member_ranges``: per (group, user) membership the seqs the user may read
   (``from_seq`` at joining, ``to_seq`` at removal, None while a member).
-- ``device_offsets`` / ``user_offsets``: delivered and read seqs per device
-  and per user (max over the user's devices), raised with ``$max`` only.
+- ``offsets``: one document per (user, conversation): the user's
+  ``delivered_seq`` and ``read_seq`` (the highest over their devices) and,
+  under ``devices.<device_id>``, each device's; all raised with ``$max``
+  only. One upsert per receipt (two collections cost twice the database
+  time: measured ~0.7 ms against ~1.5 ms a receipt on SecantusDB).
 - ``persistence_users``: the projection of accounts from user events
   (known, deleted), for dm authorisation and ``from_deleted`` in history.
 - ``mutes``: (user, conversation) pairs a user muted; read by the push
@@ -33,7 +36,6 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from chatlib.concurrent import run_together
 from chatlib.mongo import Index, chunked, find_in, journaled
 from chatlib.schemas import StoredMessage
 from pymongo import InsertOne, UpdateOne
@@ -50,8 +52,10 @@ CONVERSATIONS = "conversations"
 OLD_COUNTERS = "conversation_counters"
 OLD_USER_CONVERSATIONS = "user_conversations"
 RANGES = "member_ranges"
-DEVICE_OFFSETS = "device_offsets"
-USER_OFFSETS = "user_offsets"
+OFFSETS = "offsets"
+#: Before ``offsets``: device and user offsets in two collections (migrated at start).
+OLD_DEVICE_OFFSETS = "device_offsets"
+OLD_USER_OFFSETS = "user_offsets"
 USERS = "persistence_users"
 MUTES = "mutes"
 
@@ -121,8 +125,7 @@ class PersistenceStore:
         Index(CONVERSATIONS, [("members", 1)]),
         Index(RANGES, [("user_id", 1), ("conversation", 1)]),
         Index(RANGES, [("conversation", 1)]),
-        Index(DEVICE_OFFSETS, [("user_id", 1), ("device_id", 1)]),
-        Index(USER_OFFSETS, [("user_id", 1)]),
+        Index(OFFSETS, [("user_id", 1)]),
         Index(MUTES, [("user_id", 1)]),
     ]
 
@@ -133,8 +136,7 @@ class PersistenceStore:
         # is sent only after it, so a database crash cannot lose an acknowledged message.
         self.conversations = journaled(db[CONVERSATIONS])
         self.ranges = journaled(db[RANGES])  # who may read what
-        self.device_offsets = db[DEVICE_OFFSETS]
-        self.user_offsets = db[USER_OFFSETS]
+        self.offsets = db[OFFSETS]
         self.users = db[USERS]
         self.mutes = journaled(db[MUTES])
 
@@ -144,6 +146,7 @@ class PersistenceStore:
         Returns the number of conversations written. Runs at start; a store
         that never had the old collections does nothing.
         """
+        self.migrate_offsets()
         if self.conversations.estimated_document_count() > 0:
             return 0
         docs: dict[str, dict[str, Any]] = {}
@@ -345,64 +348,76 @@ class PersistenceStore:
     # -- offsets ---------------------------------------------------------------
 
     def get_device_offsets(self, user_id: str, device_id: str) -> dict[str, Offsets]:
-        docs = self.device_offsets.find({"user_id": user_id, "device_id": device_id})
-        return {d["conversation"]: _offsets(d) for d in docs}
+        docs = self.offsets.find({"user_id": user_id}, {"conversation": 1, f"devices.{device_id}": 1})
+        return {d["conversation"]: _offsets(d.get("devices", {}).get(device_id)) for d in docs}
 
     def get_device_offsets_many(self, keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], Offsets]:
-        ids = sorted({_key(*k) for k in keys})
+        wanted = set(keys)
+        ids = sorted({_key(u, c) for u, _, c in wanted})
         if not ids:
             return {}
-        return {
-            (d["user_id"], d["device_id"], d["conversation"]): _offsets(d)
-            for d in find_in(self.device_offsets, "_id", ids)
-        }
+        out = {}
+        for d in find_in(self.offsets, "_id", ids):
+            for device_id, offsets in d.get("devices", {}).items():
+                key = (d["user_id"], device_id, d["conversation"])
+                if key in wanted:
+                    out[key] = _offsets(offsets)
+        return out
 
     def get_user_offsets(self, user_id: str) -> dict[str, Offsets]:
-        return {d["conversation"]: _offsets(d) for d in self.user_offsets.find({"user_id": user_id})}
+        docs = self.offsets.find({"user_id": user_id}, {"conversation": 1, "delivered_seq": 1, "read_seq": 1})
+        return {d["conversation"]: _offsets(d) for d in docs}
 
     def get_user_offsets_many(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Offsets]:
         ids = sorted({_key(*k) for k in keys})
         if not ids:
             return {}
-        return {(d["user_id"], d["conversation"]): _offsets(d) for d in find_in(self.user_offsets, "_id", ids)}
+        docs = find_in(
+            self.offsets, "_id", ids, projection={"user_id": 1, "conversation": 1, "delivered_seq": 1, "read_seq": 1}
+        )
+        return {(d["user_id"], d["conversation"]): _offsets(d) for d in docs}
 
     def set_offsets(self, devices: dict[tuple[str, str, str], Offsets], users: dict[tuple[str, str], Offsets]) -> None:
-        """Raise offsets (``$max``: a late or repeated receipt never moves one back)."""
-        dev_ops = [
-            UpdateOne(
-                {"_id": _key(u, d, c)},
-                {
-                    "$max": {"delivered_seq": o.delivered, "read_seq": o.read},
-                    "$setOnInsert": {"user_id": u, "device_id": d, "conversation": c},
-                },
-                upsert=True,
+        """Raise offsets (``$max``: a late or repeated receipt never moves one back): one upsert per
+        (user, conversation), its user-level and device-level offsets together."""
+        raised: dict[tuple[str, str], dict[str, int]] = {}
+        for (u, c), o in users.items():
+            raised.setdefault((u, c), {}).update({"delivered_seq": o.delivered, "read_seq": o.read})
+        for (u, d, c), o in devices.items():
+            raised.setdefault((u, c), {}).update(
+                {f"devices.{d}.delivered_seq": o.delivered, f"devices.{d}.read_seq": o.read}
             )
-            for (u, d, c), o in devices.items()
-        ]
-        user_ops = [
+        ops = [
             UpdateOne(
                 {"_id": _key(u, c)},
-                {
-                    "$max": {"delivered_seq": o.delivered, "read_seq": o.read},
-                    "$setOnInsert": {"user_id": u, "conversation": c},
-                },
+                {"$max": values, "$setOnInsert": {"user_id": u, "conversation": c}},
                 upsert=True,
             )
-            for (u, c), o in users.items()
+            for (u, c), values in raised.items()
         ]
-        writes = []
-        if dev_ops:
-            writes.append(lambda: self.device_offsets.bulk_write(dev_ops, ordered=False))
-        if user_ops:
-            writes.append(lambda: self.user_offsets.bulk_write(user_ops, ordered=False))
-        run_together(*writes)  # independent: one round trip's time, not two
+        if ops:
+            self.offsets.bulk_write(ops, ordered=False)
 
     def delete_device_offsets(self, user_id: str, device_id: str | None = None) -> int:
-        """Drop a device's offsets (its queue), or every device offset of a user."""
-        flt: dict[str, Any] = {"user_id": user_id}
-        if device_id is not None:
-            flt["device_id"] = device_id
-        return self.device_offsets.delete_many(flt).deleted_count
+        """Drop a device's offsets (its queue), or every device's of a user (their own read state stays)."""
+        field = "devices" if device_id is None else f"devices.{device_id}"
+        return self.offsets.update_many({"user_id": user_id}, {"$unset": {field: ""}}).modified_count
+
+    def migrate_offsets(self) -> int:
+        """Build ``offsets`` from the two collections that held them before; idempotent."""
+        if self.offsets.estimated_document_count() > 0:
+            return 0
+        devices = {
+            (d["user_id"], d["device_id"], d["conversation"]): _offsets(d) for d in self.db[OLD_DEVICE_OFFSETS].find()
+        }
+        users = {(d["user_id"], d["conversation"]): _offsets(d) for d in self.db[OLD_USER_OFFSETS].find()}
+        for chunk in chunked(list(users.items()), 500):
+            self.set_offsets({}, dict(chunk))
+        for chunk in chunked(list(devices.items()), 500):
+            self.set_offsets(dict(chunk), {})
+        if devices or users:
+            logger.info("migrated %d device and %d user offsets to %s", len(devices), len(users), OFFSETS)
+        return len(devices) + len(users)
 
     # -- users projection --------------------------------------------------------
 
