@@ -108,7 +108,8 @@ def _ref(*parts: str) -> dict[str, str]:
 def _frame_message(direction: str, type_: str, model: type[BaseModel]) -> dict[str, Any]:
     arrow = "client → server" if direction == "client" else "server → client"
     message: dict[str, Any] = {
-        "name": type_,
+        # The renderer links to a message by its name: the key, since both directions have a "message".
+        "name": f"{direction}.{type_}",
         "title": f"{type_} ({arrow})",
         "contentType": "application/json",
         "payload": _ref("components", "schemas", model.__name__),
@@ -193,9 +194,9 @@ def _config_value(value: str) -> str | int:
 def _topic_channel(topic: topics.Topic, channel_id: str, event_types: list[str]) -> dict[str, Any]:
     key = topics.TOPIC_KEYS.get(topic.name, "")
     kept = (
-        "**compacted**: Kafka keeps the latest record per key"
+        "**compacted** (`cleanup.policy=compact`: Kafka keeps the latest record per key)"
         if topic.compacted
-        else "not compacted: records expire by retention"
+        else "not compacted (`cleanup.policy=delete`: records expire by retention)"
     )
     plural = "s" if topic.partitions != 1 else ""
     lines = [f"Key: {key}.", f"{topic.partitions} partition{plural}; {kept}."]
@@ -203,9 +204,8 @@ def _topic_channel(topic: topics.Topic, channel_id: str, event_types: list[str])
         lines.append("On the message path: consumers fetch with `KAFKA_FETCH_MAX_WAIT_MS`.")
     config: dict[str, Any] = {k: _config_value(v) for k, v in sorted(topic.configs.items())}
     config["cleanup.policy"] = ["compact"] if topic.compacted else ["delete"]
-    address = topic.name
     channel: dict[str, Any] = {
-        "address": address,
+        "address": topic.name,
         "title": topic.name,
         "description": " ".join(lines),
         "servers": [_ref("servers", "kafka")],
@@ -232,7 +232,7 @@ def _event_message(type_: str, cls: type[schemas.Event], envelope: dict[str, Any
     names = topics.EVENT_TOPICS.get(type_, ())
     value = {
         **envelope,
-        "title": f"{type_} record",
+        "title": f"{cls.__name__} envelope",
         "properties": {
             **envelope["properties"],
             "type": {"type": "string", "const": type_},
@@ -280,7 +280,7 @@ def kafka(messages: dict[str, Any], envelope: dict[str, Any]) -> tuple[dict[str,
         operations[f"publish.{channel_id}"] = {
             "action": "send",
             "title": channel_id if topic is not gateway else "gateway.{instance}.v1",
-            "summary": f"Services publish these events on the topic; keyed by {topics.TOPIC_KEYS.get(topic.name, '')}.",
+            "summary": "Events: " + (", ".join(f"`{t}`" for t in types) or "none yet") + ".",
             "channel": _ref("channels", channel_id),
             "messages": [_ref("channels", channel_id, "messages", t) for t in types],
             "tags": [{"name": "kafka"}],
