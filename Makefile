@@ -5,6 +5,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The API reference's viewers (npm, pinned in package-lock.json), served from docs/vendor/.
+VIEWERS := docs/vendor/.installed
 export PYTHONPATH := $(CURDIR)/libs:$(CURDIR)
 
 SERVICES := profile group persistence session message-router group-router push-notification gateway
@@ -31,6 +33,9 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
 	@python3 -c 'import venv, ensurepip' 2>/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "installing Debian's nodejs and npm (the API reference's viewers come from npm)..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
 
 browser-deps:
 	@[ -x /usr/bin/chromium ] || { \
@@ -42,10 +47,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
 
+$(VIEWERS): package.json package-lock.json helper/docs_viewers.sh
+	sh helper/docs_viewers.sh
+
 .env:
 	cp .env.tmpl .env
 
-setup: system-deps $(STAMP) .env
+setup: system-deps $(STAMP) $(VIEWERS) .env
 
 # --- run -----------------------------------------------------------------
 
@@ -103,10 +111,10 @@ FUZZ_EXAMPLES ?= 500
 fuzz: setup
 	$(PY) -m tests.fuzzing --max-examples $(FUZZ_EXAMPLES)
 
-# Regenerate docs/api.html and docs/events.md from docs/openapi.yaml and chatlib.schemas,
-# and the routes block of the nginx template from docs/openapi.yaml.
+# Regenerate docs/asyncapi.yaml from chatlib.schemas and chatlib.topics (docs/openapi.yaml is written by
+# hand), and the routes block of the nginx template from docs/openapi.yaml.
 docs: setup
-	$(PY) -m helper.gen_docs
+	$(PY) -m helper.gen_asyncapi
 	$(PY) -m helper.nginx_routes
 
 clean:

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import ErrorCode
+
 # ---------------------------------------------------------------------------
 # Limits of the public contract
 # ---------------------------------------------------------------------------
@@ -784,3 +786,137 @@ def error_frame(code: str, message: str, ref: str | None = None) -> dict[str, An
 
 
 PONG_FRAME: dict[str, Any] = {"type": "pong"}
+
+
+# ---------------------------------------------------------------------------
+# WebSocket frames: server to client, as models
+# ---------------------------------------------------------------------------
+# The builders above make the frames (plain dicts, on the hot path); these
+# models describe the same frames for docs/asyncapi.yaml, and a unit test
+# holds every builder's output to its model, so the two cannot drift.
+
+
+class _ServerFrame(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+
+class ServerAck(_ServerFrame):
+    """The message with client ``id`` is durably stored: after an ack the server never loses it."""
+
+    type: Literal["ack"]
+    id: str
+    message_id: str
+    conversation: str
+    seq: int
+    ts: int
+
+
+class ServerMessage(_ServerFrame):
+    """A message, to every device of every recipient and to the sender's other devices.
+
+    ``to`` for a 1-to-1 message, ``group`` (instead of ``to``) for a group message. A
+    client drops a message whose (``conversation``, ``seq``) it already has.
+    """
+
+    type: Literal["message"]
+    message_id: str
+    id: str
+    conversation: str
+    seq: int
+    sender: str = Field(alias="from")
+    from_device: str
+    to: str | None = None
+    group: str | None = None
+    body: str
+    ts: int
+
+
+class ServerReceipt(_ServerFrame):
+    """``user_id`` has received or read up to ``up_to_seq``: to the senders and the reader's other devices."""
+
+    type: Literal["receipt"]
+    conversation: str
+    user_id: str
+    status: Literal["delivered", "read"]
+    up_to_seq: int
+
+
+class ServerTyping(_ServerFrame):
+    """``user_id`` started or stopped typing in ``conversation``."""
+
+    type: Literal["typing"]
+    conversation: str
+    user_id: str
+    state: Literal["start", "stop"]
+
+
+class ServerPresence(_ServerFrame):
+    """``user_id`` came online or went offline: to users who share a conversation with them."""
+
+    type: Literal["presence"]
+    user_id: str
+    online: bool
+    last_seen: int
+
+
+class ServerGroupMember(BaseModel):
+    """A member in the contract's group object."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    user_id: str
+    role: Literal["owner", "admin", "member"]
+
+
+class ServerGroup(BaseModel):
+    """The contract's group object (as ``GET /v1/groups/{id}`` answers it)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    group_id: str
+    name: str
+    public: bool
+    owner: str
+    members: list[ServerGroupMember]
+    created_ts: int
+
+
+class ServerGroupEvent(_ServerFrame):
+    """A group changed (``event``), with the users it affects and the group's new state: to its members."""
+
+    type: Literal["group_event"]
+    group_id: str
+    event: Literal["created", "updated", "member_added", "member_removed", "role_changed", "deleted"]
+    users: list[str]
+    actor: str | None
+    group: ServerGroup
+    ts: int
+
+
+class ServerError(_ServerFrame):
+    """A frame was refused, or the socket is about to close; ``ref`` is the client ``id`` of that frame.
+
+    After a refused frame the socket stays open.
+    """
+
+    type: Literal["error"]
+    code: ErrorCode
+    message: str
+    ref: str | None = None
+    details: dict[str, Any] | None = None
+
+
+class ServerPong(_ServerFrame):
+    """The answer to a ``ping``."""
+
+    type: Literal["pong"]
+
+
+SERVER_FRAMES: dict[str, type[_ServerFrame]] = {
+    "ack": ServerAck,
+    "message": ServerMessage,
+    "receipt": ServerReceipt,
+    "typing": ServerTyping,
+    "presence": ServerPresence,
+    "group_event": ServerGroupEvent,
+    "error": ServerError,
+    "pong": ServerPong,
+}

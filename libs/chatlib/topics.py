@@ -90,13 +90,11 @@ TOPIC_KEYS: dict[str, str] = {
     CHANNEL_EVENTS.name: "group_id",
     PUSH_REQUESTS.name: "user_id (group requests: conversation)",
     DEAD_LETTERS.name: "the original topic name",
-    gateway_topic(
-        "<instance>"
-    ).name: "user_id of the first target (frames reach a socket in seq order through its sequencer)",
+    gateway_topic("<instance>").name: "user_id of the first target (a socket's sequencer orders its frames by seq)",
 }
 
 #: The topic(s) each event type of :mod:`chatlib.schemas` travels on, by its TYPE.
-#: docs/events.md is generated from this (helper/gen_docs.py); tests/unit/test_docs.py
+#: docs/asyncapi.yaml is generated from this (helper/gen_asyncapi.py); tests/unit/test_docs.py
 #: fails when a registered event type is missing here.
 EVENT_TOPICS: dict[str, tuple[str, ...]] = {
     "user.registered": (USER_EVENTS.name,),

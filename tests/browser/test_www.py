@@ -18,17 +18,9 @@ import requests
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from helper.stack import Stack
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support import Api, User, new_user, unique_name
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 PASSWORD = "correct horse battery"
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 GATEWAYS = ("gateway-1", "gateway-2")

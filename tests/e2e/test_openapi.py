@@ -27,7 +27,7 @@ import requests
 from chatlib.schemas import dm_conversation
 from jsonschema import Draft202012Validator
 
-from helper.gen_docs import ROOT, Operation, deref, load_spec, media_example, operations, resolve
+from helper.openapi import ROOT, Operation, deref, load_spec, media_example, operations, resolve
 from helper.stack import Stack
 from tests.support import Api, User, new_user
 
@@ -554,16 +554,24 @@ def test_every_route_nginx_lets_through_is_documented(stack: Stack) -> None:
 
 
 def test_reference_is_served_at_docs(stack: Stack) -> None:
-    """Nginx serves the generated reference (no token needed), as committed."""
+    """Nginx serves the reference pages, both documents and the viewers' bundles (no token needed)."""
+    docs = ROOT / "docs"
     r = requests.get(stack.base_url + "/docs", timeout=15, allow_redirects=False)
     assert r.status_code in (301, 302) and r.headers["Location"].endswith("/docs/")
-    page = requests.get(stack.base_url + "/docs/", timeout=15)
-    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
-    # Compared as bytes: the page declares its charset in a <meta> tag.
-    assert page.content == (ROOT / "docs" / "api.html").read_bytes()
-    for o in OPS.values():
-        assert f'id="op-{o.id}"'.encode() in page.content
+    for path, local in (("/docs/", "index.html"), ("/docs/events", "events.html")):
+        page = requests.get(stack.base_url + path, timeout=15)
+        assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html"), path
+        assert page.content == (docs / local).read_bytes(), path
+    for path, kind in (
+        ("/docs/vendor/swagger-ui/swagger-ui-bundle.js", "application/javascript"),
+        ("/docs/vendor/swagger-ui/swagger-ui.css", "text/css"),
+        ("/docs/vendor/asyncapi/index.js", "application/javascript"),
+        ("/docs/vendor/asyncapi/default.min.css", "text/css"),
+    ):
+        asset = requests.get(stack.base_url + path, timeout=15)
+        assert asset.status_code == 200 and asset.headers["Content-Type"].startswith(kind), path
+        assert asset.content == (docs / path.removeprefix("/docs/")).read_bytes(), path
     spec = requests.get(stack.base_url + "/docs/openapi.yaml", timeout=15)
     assert spec.status_code == 200 and "openapi: 3.1" in spec.text
-    events = requests.get(stack.base_url + "/docs/events.md", timeout=15)
-    assert events.status_code == 200 and b"chat.message_stored" in events.content
+    events = requests.get(stack.base_url + "/docs/asyncapi.yaml", timeout=15)
+    assert events.status_code == 200 and events.content == (docs / "asyncapi.yaml").read_bytes()

@@ -1,28 +1,39 @@
-"""The API reference: generated files up to date, complete, consistent with the code.
+"""The API reference: complete, consistent with the code, valid for the tools that read it.
 
-docs/api.html and docs/events.md are generated (``make docs``) from
-docs/openapi.yaml and chatlib.schemas/chatlib.topics; these tests regenerate
-them in memory, so a change to an event class or to the OpenAPI file without
-``make docs`` fails here. They also check the OpenAPI file itself: every
-endpoint of the public contract is there, every error is documented with the
-error schema and the X-Request-Id header, and every example is valid.
+- docs/asyncapi.yaml (the WebSocket frames and Kafka events) is generated from
+  chatlib.schemas and chatlib.topics (``make docs``): these tests regenerate it,
+  validate it against the official AsyncAPI JSON Schema and run the official
+  parser on it (both from npm, installed by ``make setup``), and check that real
+  frames and records match the payload schemas it documents.
+- docs/openapi.yaml (the REST reference) is written by hand: every endpoint of the
+  public contract is there, every error is documented with the error schema and
+  the X-Request-Id header, and every example is valid.
+- The pages Nginx serves at /docs/ and /docs/events load only local files.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import re
+import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from chatlib import schemas, topics
-from jsonschema import Draft202012Validator
+from jsonschema import Draft7Validator, Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT7
 
-from helper import gen_docs
-from helper.gen_docs import deref, load_spec, operations, resolve
+from helper import gen_asyncapi
+from helper.openapi import DOCS, ROOT, Operation, deref, load_spec, media_example, operations, resolve
 
 SPEC = load_spec()
 OPS = list(operations(SPEC))
+NODE_MODULES = ROOT / "node_modules"
 
 #: Every REST endpoint of the public contract (shared/api-contract.md) and the
 #: additions the project made; none may disappear from the reference.
@@ -59,32 +70,76 @@ CONTRACT = {
 }
 
 # --------------------------------------------------------------------------
-# generated files
+# the AsyncAPI document
 # --------------------------------------------------------------------------
 
-
-def test_generated_docs_are_up_to_date() -> None:
-    for path, text in gen_docs.render_all().items():
-        assert path.exists(), f"{path.name} is missing: run make docs"
-        assert path.read_text(encoding="utf-8") == text, f"{path.name} is out of date: run make docs"
+DOC: dict[str, Any] = yaml.safe_load(gen_asyncapi.ASYNCAPI.read_text(encoding="utf-8"))
+MESSAGES: dict[str, Any] = DOC["components"]["messages"]
+CHANNELS: dict[str, Any] = DOC["channels"]
 
 
-def test_generation_is_deterministic() -> None:
-    assert gen_docs.render_all() == gen_docs.render_all()
+def _installed(path: Path) -> Path:
+    assert path.exists(), f"{path.relative_to(ROOT)} is missing: run make setup (it installs the npm packages)"
+    return path
 
 
-def test_check_mode_reports_up_to_date_files() -> None:
-    assert gen_docs.main(["--check"]) == 0
+def test_asyncapi_is_up_to_date() -> None:
+    assert gen_asyncapi.render() == gen_asyncapi.ASYNCAPI.read_text(encoding="utf-8"), "run make docs"
+    assert gen_asyncapi.render() == gen_asyncapi.render(), "generation must be deterministic"
+    assert gen_asyncapi.main(["--check"]) == 0
 
 
-def test_every_registered_event_type_is_in_events_md() -> None:
-    text = gen_docs.EVENTS_MD.read_text(encoding="utf-8")
-    assert schemas._REGISTRY, "no event registered"
-    for type_, cls in schemas._REGISTRY.items():
-        assert f"#### `{type_}` ({cls.__name__})" in text, type_
-        assert f'<a id="event-{type_}"></a>' in text, type_
-        for name in cls.model_fields:
-            assert f"| `{name}` |" in text, f"{type_}.{name}"
+def _official_schema() -> dict[str, Any]:
+    """The AsyncAPI JSON Schema of the document's version, as the @asyncapi/specs package ships it."""
+    path = _installed(NODE_MODULES / "@asyncapi" / "specs" / "schemas" / f"{DOC['asyncapi']}.json")
+    schema: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return schema
+
+
+def test_asyncapi_is_valid_against_the_official_json_schema() -> None:
+    assert DOC["asyncapi"].startswith("3.")
+    validator = Draft7Validator(_official_schema())
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:300]}" for e in validator.iter_errors(DOC)]
+    assert not errors, "\n".join(errors[:10])
+
+
+def test_the_official_json_schema_catches_mistakes() -> None:
+    """The validation above is not vacuous: the schema refuses what AsyncAPI 3 does not allow."""
+    bad = copy.deepcopy(DOC)
+    bad["operations"]["sendServerFrames"]["action"] = "publish"  # AsyncAPI 2 wording
+    bad["channels"]["user.events.v1"]["bindings"]["kafka"]["partitions"] = 0
+    bad["components"]["messages"]["user.registered"]["payload"]["type"] = "record"
+    broken = {tuple(e.absolute_path)[:3] for e in Draft7Validator(_official_schema()).iter_errors(bad)}
+    assert broken == {
+        ("operations", "sendServerFrames"),
+        ("channels", "user.events.v1"),
+        ("components", "messages", "user.registered"),
+    }
+
+
+# The official parser (what the AsyncAPI React component at /docs/events runs) adds
+# semantic rules the JSON Schema cannot express, e.g. that an operation's messages
+# belong to its channel. It prints every diagnostic, one JSON object per line.
+_PARSE = """
+import { Parser } from '@asyncapi/parser';
+import { readFileSync } from 'node:fs';
+const { document, diagnostics } = await new Parser().parse(readFileSync(process.argv[1], 'utf8'));
+for (const d of diagnostics) console.log(JSON.stringify({code: d.code, path: d.path.join('/'), message: d.message}));
+if (!document) process.exit(1);
+"""
+
+
+def test_the_official_parser_reports_nothing() -> None:
+    _installed(NODE_MODULES / "@asyncapi" / "parser")
+    out = subprocess.run(
+        ["node", "--input-type=module", "-e", _PARSE, str(gen_asyncapi.ASYNCAPI)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == "", f"parser diagnostics:\n{out.stdout}"
 
 
 def test_every_event_type_has_a_declared_topic() -> None:
@@ -98,85 +153,174 @@ def test_every_event_type_has_a_declared_topic() -> None:
     assert set(topics.TOPIC_KEYS) == declared
 
 
-def test_every_frame_is_documented() -> None:
-    text = gen_docs.EVENTS_MD.read_text(encoding="utf-8")
-    for type_, model in schemas.CLIENT_FRAMES.items():
-        assert f"#### `{type_}` ({model.__name__})" in text
-    builders = [
-        n for n, f in vars(schemas).items() if n.endswith("_frame") and callable(f) and n != "parse_client_frame"
+def _channel_of(topic: topics.Topic) -> dict[str, Any]:
+    matches = [c for c in CHANNELS.values() if c.get("bindings", {}).get("kafka", {}).get("topic") == topic.name]
+    assert len(matches) == 1, f"{topic.name}: {len(matches)} channels"
+    return matches[0]
+
+
+@pytest.mark.parametrize("topic", [*topics.ALL_TOPICS, topics.gateway_topic("<instance>")], ids=lambda t: t.name)
+def test_every_topic_is_a_channel_with_its_key_partitions_and_compaction(topic: topics.Topic) -> None:
+    channel = _channel_of(topic)
+    kafka = channel["bindings"]["kafka"]
+    assert kafka["partitions"] == topic.partitions
+    assert kafka["topicConfiguration"]["cleanup.policy"] == (["compact"] if topic.compacted else ["delete"])
+    assert f"Key: {topics.TOPIC_KEYS[topic.name]}." in channel["description"]
+    assert channel["servers"] == [{"$ref": "#/servers/kafka"}]
+
+
+@pytest.mark.parametrize("type_", list(schemas._REGISTRY))
+def test_every_event_is_a_message_on_its_topics(type_: str) -> None:
+    cls = schemas._REGISTRY[type_]
+    message = MESSAGES[type_]
+    record = message["payload"]["properties"]
+    assert record["type"]["const"] == type_ and record["version"]["const"] == cls.VERSION
+    assert record["payload"] == {"$ref": f"#/components/schemas/{cls.__name__}"}
+    assert set(DOC["components"]["schemas"][cls.__name__]["properties"]) == set(cls.model_fields)
+    for name in topics.EVENT_TOPICS[type_]:
+        topic = next(t for t in [*topics.ALL_TOPICS, topics.gateway_topic("<instance>")] if t.name == name)
+        assert type_ in _channel_of(topic)["messages"], f"{type_} not on {name}"
+        assert topics.TOPIC_KEYS[name] in message["bindings"]["kafka"]["key"]["description"]
+
+
+def test_every_frame_is_a_message_of_the_websocket_channel() -> None:
+    ws = CHANNELS[gen_asyncapi.WEBSOCKET]
+    assert ws["address"] == "/v1/ws"
+    ops = DOC["operations"]
+    for direction, frames, op in (
+        ("client", schemas.CLIENT_FRAMES, ops["receiveClientFrames"]),
+        ("server", schemas.SERVER_FRAMES, ops["sendServerFrames"]),
+    ):
+        keys = {f"{direction}.{t}" for t in frames}
+        assert {k for k in ws["messages"] if k.startswith(direction)} == keys
+        assert {m["$ref"].rsplit("/", 1)[-1] for m in op["messages"]} == keys
+        for type_, model in frames.items():
+            payload = MESSAGES[f"{direction}.{type_}"]["payload"]
+            assert payload == {"$ref": f"#/components/schemas/{model.__name__}"}
+            assert DOC["components"]["schemas"][model.__name__]["properties"]["type"]["const"] == type_
+
+
+# --------------------------------------------------------------------------
+# real frames and records against the documented payload schemas
+# --------------------------------------------------------------------------
+
+_REGISTRY = Registry().with_resource("urn:asyncapi", Resource.from_contents(DOC, default_specification=DRAFT7))
+
+
+def _errors(message: str, value: Any) -> list[str]:
+    """Where ``value`` breaks the payload schema of components.messages[message] (draft-07, as AsyncAPI 3)."""
+    validator = Draft7Validator({"$ref": f"urn:asyncapi#/components/messages/{message}/payload"}, registry=_REGISTRY)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(value)]
+
+
+CLIENT_SAMPLES = [
+    '{"type": "message", "id": "c1", "to": "u_2", "body": "hi"}',
+    '{"type": "message", "id": "c2", "group": "g_1", "body": "hi all"}',
+    '{"type": "receipt", "conversation": "dm:u_1:u_2", "status": "read", "up_to_seq": 3}',
+    '{"type": "typing", "conversation": "group:g_1", "state": "start"}',
+    '{"type": "ping"}',
+]
+
+
+@pytest.mark.parametrize("text", CLIENT_SAMPLES)
+def test_frames_the_gateway_accepts_match_their_documented_schema(text: str) -> None:
+    frame = schemas.parse_client_frame(text)
+    data = json.loads(text)
+    assert _errors(f"client.{data['type']}", data) == [], type(frame).__name__
+
+
+def test_frames_the_server_builds_match_their_documented_schema() -> None:
+    owner = schemas.GroupMember(user_id="u_1", role="owner")
+    group = schemas.GroupSnapshot(group_id="g_1", name="G", owner="u_1", members=[owner], created_ts=1)
+    change = schemas.GroupChanged(group=group, event="created", users=["u_1"], actor="u_1", ts=2)
+    message = schemas.StoredMessage(
+        message_id="m_1",
+        id="c1",
+        conversation="dm:u_1:u_2",
+        seq=1,
+        sender="u_1",
+        from_device="d_1",
+        to="u_2",
+        body="hi",
+        ts=3,
+    )
+    frames = [
+        schemas.ack_frame("c1", "m_1", "dm:u_1:u_2", 1, 3),
+        message.frame(),
+        schemas.receipt_frame("dm:u_1:u_2", "u_2", "delivered", 1),
+        schemas.typing_frame("dm:u_1:u_2", "u_1", "stop"),
+        schemas.presence_frame("u_1", False, 4),
+        schemas.group_event_frame(change),
+        schemas.error_frame("invalid_request", "body: must not be empty", "c9"),
+        schemas.PONG_FRAME,
     ]
-    assert len(builders) >= 6
-    for name in builders:
-        assert f"({name}())" in text, name
-    for type_ in ("message", "pong", "ack", "receipt", "typing", "presence", "group_event", "error"):
-        assert f"#### `{type_}` (" in text
+    assert {f["type"] for f in frames} == set(schemas.SERVER_FRAMES)
+    for frame in frames:
+        assert _errors(f"server.{frame['type']}", frame) == [], frame
 
 
-def test_client_frame_examples_are_valid_frames() -> None:
-    """The examples in the docs are accepted by the gateway's own parser."""
-    text = gen_docs.EVENTS_MD.read_text(encoding="utf-8")
-    client = text.split("### Client to server")[1].split("### Server to client")[0]
-    examples = re.findall(r"```json\n(.*?)\n```", client, re.S)
-    assert len(examples) == len(schemas.CLIENT_FRAMES)
-    for example in examples:
-        schemas.parse_client_frame(example)
+def test_kafka_records_match_their_documented_schema() -> None:
+    """Records as producers write them, including a tuple list, an alias, nested models and a map."""
+    owner = schemas.GroupMember(user_id="u_1", role="owner", joined_ts=1)
+    group = schemas.GroupSnapshot(group_id="g_1", name="G", owner="u_1", members=[owner], created_ts=1)
+    stored = schemas.StoredMessage(
+        message_id="m_1",
+        id="c1",
+        conversation="group:g_1",
+        seq=7,
+        sender="u_1",
+        from_device="d_1",
+        group="g_1",
+        body="x",
+        ts=3,
+    )
+    events: list[schemas.Event] = [
+        schemas.GatewayHeartbeat(gateway="gw-1", connections=[("u_1", "d_1", "k_1")], ts=5),
+        schemas.MessageStored(message=stored),
+        schemas.GroupChanged(group=group, event="member_added", users=["u_2"], ts=6),
+        schemas.Deliver(
+            targets=[schemas.DeviceRef(user_id="u_1", device_id="d_1")], frames=[stored.frame()], sync={"group:g_1": 7}
+        ),
+        schemas.CloseDevice(user_id="u_1", device_id="d_1"),
+    ]
+    for ev in events:
+        record = json.loads(schemas.to_bytes(ev, producer="test"))
+        assert _errors(ev.TYPE, record) == [], ev.TYPE
 
 
-def test_event_examples_parse_as_their_event() -> None:
-    for type_, cls in schemas._REGISTRY.items():
-        payload = gen_docs.sample_model(cls).model_dump(mode="json")
-        env = schemas.Envelope(type=type_, payload=payload)
-        assert isinstance(schemas.from_bytes(env.to_bytes()), cls)
-
-
-class _Page(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ids: set[str] = set()
-        self.hrefs: list[str] = []
-        self.tags: set[str] = set()
-        self.srcs: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tags.add(tag)
-        a = dict(attrs)
-        if a.get("id"):
-            self.ids.add(str(a["id"]))
-        if a.get("href"):
-            self.hrefs.append(str(a["href"]))
-        if a.get("src"):
-            self.srcs.append(str(a["src"]))
-
-
-def test_api_html_is_self_contained_and_links_resolve() -> None:
-    page = _Page()
-    page.feed(gen_docs.API_HTML.read_text(encoding="utf-8"))
-    assert "script" not in page.tags and "link" not in page.tags and not page.srcs
-    assert "nav" in page.tags
-    for href in page.hrefs:
-        if href.startswith("#"):
-            assert href[1:] in page.ids, f"dangling link {href}"
-        else:
-            assert href in ("openapi.yaml", "events.md"), f"external link {href}"
-    for o in OPS:
-        assert f"op-{o.id}" in page.ids
-        assert f"#op-{o.id}" in page.hrefs, f"{o.id} missing from the table of contents"
-    for type_ in schemas._REGISTRY:
-        assert f"event-{type_}" in page.ids
-    for name in SPEC["components"]["schemas"]:
-        assert f"schema-{name}" in page.ids
-
-
-def test_inline_markup() -> None:
-    assert gen_docs.inline_html("a `x<y>` **b** *c* [d](#e)") == (
-        'a <code>x&lt;y&gt;</code> <strong>b</strong> <em>c</em> <a href="#e">d</a>'
+def test_documented_schemas_refuse_what_the_code_refuses() -> None:
+    assert _errors("client.receipt", {"type": "receipt", "conversation": "dm:a:b", "status": "seen", "up_to_seq": 1})
+    assert _errors("server.ack", {"type": "ack", "id": "c1"})
+    assert _errors("user.registered", {"type": "user.registered", "payload": {"user_id": "u_1"}})
+    assert _errors(
+        "user.registered", {"type": "user.updated", "payload": {"user_id": "u", "username": "n", "name": "N"}}
     )
 
 
-def test_type_names() -> None:
-    assert gen_docs.type_name(str | None) == "string | null"
-    assert gen_docs.type_name(list[schemas.DeviceRef]) == "array of [DeviceRef](#model-DeviceRef)"
-    assert gen_docs.type_name(schemas.ClientReceipt.model_fields["status"].annotation) == '"delivered" | "read"'
+# --------------------------------------------------------------------------
+# the pages
+# --------------------------------------------------------------------------
+
+
+class _Refs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.refs += [str(v) for k, v in attrs if k in ("src", "href") and v]
+
+
+@pytest.mark.parametrize("page", ["index.html", "events.html"])
+def test_pages_load_only_local_files(page: str) -> None:
+    """No CDN: every script, style and link is a file Nginx serves from docs/ (vendor/ after make setup)."""
+    parser = _Refs()
+    parser.feed((DOCS / page).read_text(encoding="utf-8"))
+    assert any(r.startswith("vendor/") and r.endswith(".js") for r in parser.refs)
+    for ref in parser.refs:
+        assert "//" not in ref and not ref.startswith("/"), f"{page}: {ref} is not relative to /docs/"
+        target = {"./": "index.html", "events": "events.html"}.get(ref, ref)
+        _installed(DOCS / target)
 
 
 # --------------------------------------------------------------------------
@@ -220,7 +364,7 @@ def test_path_parameters_match_templates() -> None:
         assert in_path == declared, o.id
 
 
-def _responses(o: gen_docs.Operation) -> dict[str, dict[str, Any]]:
+def _responses(o: Operation) -> dict[str, dict[str, Any]]:
     return {str(k): resolve(SPEC, v) for k, v in o.op["responses"].items()}
 
 
@@ -260,11 +404,11 @@ def _examples() -> list[tuple[str, Any, Any]]:
         body = o.op.get("requestBody")
         if body:
             media = resolve(SPEC, body)["content"]["application/json"]
-            found.append((f"{o.id} request", media["schema"], gen_docs.media_example(SPEC, media)))
+            found.append((f"{o.id} request", media["schema"], media_example(SPEC, media)))
         for status, resp in _responses(o).items():
             media = resp.get("content", {}).get("application/json")
-            if media and gen_docs.media_example(SPEC, media) is not None:
-                found.append((f"{o.id} {status}", media["schema"], gen_docs.media_example(SPEC, media)))
+            if media and media_example(SPEC, media) is not None:
+                found.append((f"{o.id} {status}", media["schema"], media_example(SPEC, media)))
     return found
 
 
@@ -272,7 +416,7 @@ def test_every_request_body_has_an_example() -> None:
     for o in OPS:
         if "requestBody" in o.op:
             media = resolve(SPEC, o.op["requestBody"])["content"]["application/json"]
-            assert gen_docs.media_example(SPEC, media) is not None, o.id
+            assert media_example(SPEC, media) is not None, o.id
 
 
 @pytest.mark.parametrize(("where", "schema", "example"), _examples(), ids=lambda v: v if isinstance(v, str) else "")
@@ -299,8 +443,8 @@ def test_schemas_use_the_contract_field_names() -> None:
 
 
 def test_operations_guide_explains_every_setting() -> None:
-    env = (gen_docs.ROOT / ".env.tmpl").read_text(encoding="utf-8")
-    guide = (gen_docs.DOCS / "operations.md").read_text(encoding="utf-8")
+    env = (ROOT / ".env.tmpl").read_text(encoding="utf-8")
+    guide = (DOCS / "operations.md").read_text(encoding="utf-8")
     names = re.findall(r"^([A-Z][A-Z0-9_]+)=", env, re.M)
     assert names
     missing = [n for n in names if f"`{n}`" not in guide]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+from typing import Any
 
 import pytest
 from chatlib import schemas as s
+from chatlib.errors import ApiError, ErrorCode
 
 
 def test_envelope_round_trip_keeps_type_and_payload() -> None:
@@ -117,3 +120,48 @@ def test_valid_frames_parse() -> None:
     assert isinstance(s.parse_client_frame('{"type": "ping"}'), s.ClientPing)
     r = s.parse_client_frame('{"type": "receipt", "conversation": "dm:a:b", "status": "read", "up_to_seq": 4}')
     assert isinstance(r, s.ClientReceipt) and r.up_to_seq == 4
+
+
+def _server_frames() -> list[dict[str, Any]]:
+    """One frame from every way the server builds one (docs/asyncapi.yaml describes them by SERVER_FRAMES)."""
+    owner = s.GroupMember(user_id="u1", role="owner", joined_ts=5)
+    group = s.GroupSnapshot(group_id="g1", name="G", owner="u1", members=[owner], created_ts=1)
+    change = s.GroupChanged(group=group, event="member_added", users=["u2"], actor="u1", ts=2)
+    dm = s.StoredMessage(
+        message_id="m1", id="c1", conversation="dm:a:b", seq=1, sender="a", from_device="d1", to="b", body="hi", ts=3
+    )
+    in_group = dm.model_copy(update={"to": None, "group": "g1", "conversation": "group:g1"})
+    return [
+        s.ack_frame("c1", "m1", "dm:a:b", 1, 3),
+        dm.frame(),
+        in_group.frame(),
+        s.receipt_frame("dm:a:b", "b", "read", 1),
+        s.typing_frame("dm:a:b", "a", "start"),
+        s.presence_frame("a", True, 4),
+        s.group_event_frame(change),
+        s.group_event_frame(change.model_copy(update={"actor": None})),
+        s.error_frame("invalid_request", "bad", ref="c2"),
+        s.error_frame("unavailable", "later"),
+        ApiError(ErrorCode.FORBIDDEN, "no", {"why": "muted"}).to_frame("c3"),
+        s.PONG_FRAME,
+    ]
+
+
+def test_every_server_frame_builder_is_covered() -> None:
+    """A new builder needs a model in SERVER_FRAMES and a line in _server_frames (so the docs show its frame)."""
+    builders = {
+        n
+        for n, f in vars(s).items()
+        if inspect.isfunction(f) and f.__module__ == s.__name__ and n.endswith("_frame") and not n.startswith("parse_")
+    }
+    covered = {"ack_frame", "receipt_frame", "typing_frame", "presence_frame", "group_event_frame", "error_frame"}
+    assert builders == covered
+    assert {f["type"] for f in _server_frames()} == set(s.SERVER_FRAMES)
+
+
+@pytest.mark.parametrize("frame", _server_frames(), ids=lambda f: f["type"])
+def test_server_frame_models_describe_the_built_frames(frame: dict[str, Any]) -> None:
+    """Each built frame is exactly its model: no key the model lacks, every value of the model's type."""
+    model = s.SERVER_FRAMES[frame["type"]]
+    parsed = model.model_validate(frame)
+    assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == frame
