@@ -256,6 +256,7 @@ class ConsumerWorker:
         from_beginning: bool = True,
         max_records: int = 10_000,
         key_prefixes: dict[str, str] | None = None,
+        linger_ms: float | None = None,
     ):
         if (handler is None) == (batch_handler is None):
             raise ValueError("give exactly one of handler or batch_handler")
@@ -273,6 +274,8 @@ class ConsumerWorker:
         self.dead_letters = dead_letters
         self.from_beginning = from_beginning
         self.max_records = max_records
+        #: after a fetch that found records, the next waits until this long after it (s)
+        self.linger_s = (config.kafka_wakeup_linger_ms if linger_ms is None else linger_ms) / 1000
         #: topic -> key prefix: other records of that topic are skipped undecoded (and committed)
         self.key_prefixes = {t: p.encode() for t, p in (key_prefixes or {}).items()}
         self._stop = threading.Event()
@@ -360,7 +363,7 @@ class ConsumerWorker:
         pending = wakeup.Pending()
         doorbell = self._doorbell
         fetch_wait = wakeup.FetchWait(floor_ms=self.config.fetch_max_wait_ms())
-        linger = self.config.kafka_wakeup_linger_ms / 1000
+        linger = self.linger_s
         last_poll, busy = 0.0, False
         while not self._stop.is_set():
             try:

@@ -160,6 +160,8 @@ class ConsumeSpec:
     key_prefix: str | None = None
     #: Name of a service method called when the consumer's partitions change.
     on_assignment: str | None = None
+    #: A busy consumer fetches at most this often (ms); None: KAFKA_WAKEUP_LINGER_MS.
+    linger_ms: float | None = None
 
 
 def consume(
@@ -170,6 +172,7 @@ def consume(
     private: bool = False,
     key_prefix: str | None = None,
     on_assignment: str | None = None,
+    linger_ms: float | None = None,
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Mark a method as the handler of these topics.
 
@@ -183,11 +186,14 @@ def consume(
     own kind of conversation from a shared topic). ``on_assignment`` names
     a method called (before the next record) whenever the partitions the
     consumer owns change: state kept for owned partitions starts over.
+    ``linger_ms`` lets a consumer that need not be quick (push notifications)
+    read a burst in fewer fetches: after a fetch that found records, the next
+    one waits until that long after it.
     """
 
     def mark(fn: Callable[..., None]) -> Callable[..., None]:
         fn._consume = ConsumeSpec(  # type: ignore[attr-defined]
-            list(topics), group, batch, from_beginning, private, key_prefix, on_assignment
+            list(topics), group, batch, from_beginning, private, key_prefix, on_assignment, linger_ms
         )
         return fn
 
@@ -259,6 +265,7 @@ class Service:
                 dead_letters=self._dead_letters,
                 from_beginning=plan.spec.from_beginning,
                 key_prefixes=plan.key_prefixes,
+                linger_ms=max((sp.linger_ms for sp in plan.specs if sp.linger_ms is not None), default=None),
             )
             hooks: list[Callable[[], None]] = [getattr(self, n) for n in {s.on_assignment for s in plan.specs} if n]
             if hooks:

@@ -98,7 +98,8 @@ class PushNotification(Service):
         """Keep the projection of devices, push tokens and sender names."""
         self.store.set_user_events(events)
 
-    @consume(PUSH_REQUESTS, group="push-notification", batch=True)
+    # Notifications need not be quick (FCM takes longer still): a burst is one batch.
+    @consume(PUSH_REQUESTS, group="push-notification", batch=True, linger_ms=500)
     def on_push_requests(self, events: list[Event]) -> None:
         """Notify each requested user's offline devices that have a token; record every outcome."""
         requests = [ev for ev in events if isinstance(ev, PushRequest)]
