@@ -481,12 +481,16 @@ class ConsumerWorker:
     def _process_batch(self, records: dict[TopicPartition, list[Any]]) -> None:
         """Every partition of one poll in one handler call per topic (each partition's
         records in offset order, so order per key holds), then one commit for all of
-        them: one database round trip and one offset commit per poll, not per partition."""
-        by_topic: dict[str, list[Any]] = {}
+        them: one database round trip and one offset commit per poll, not per partition.
+        Topics go in the order the consumer was given them (the order their handlers are
+        declared), so a view a handler reads is brought up to date before it runs."""
+        by_topic: dict[str, list[Any]] = {t: [] for t in self.topics}
         for part in records.values():
             for m in part:
                 by_topic.setdefault(m.topic, []).append(m)
         for topic, msgs in by_topic.items():
+            if not msgs:
+                continue
             handler = self.batch_handlers[topic]
             events = [e for m in msgs if (e := self._decode(m)) is not None]
             if events:

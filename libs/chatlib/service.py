@@ -177,7 +177,9 @@ def consume(
     """Mark a method as the handler of these topics.
 
     The consumer group defaults to the service name; batch handlers declared
-    with the same group share one consumer (see ``Service._consumers``).
+    with the same group share one consumer (see ``Service._consumers``) and
+    see each poll topic by topic in the order they are declared: declare the
+    handler of a view before the handlers that read it.
     ``batch=True`` hands the method a list (the records of its topics from
     one poll, in order per partition). ``private=True``
     reads without a group (every instance sees every record, from the end
@@ -198,6 +200,11 @@ def consume(
         return fn
 
     return mark
+
+
+def _declared(cls: type) -> list[str]:
+    """Attribute names in declaration order, base classes first (``dir`` sorts them)."""
+    return list(dict.fromkeys(name for klass in reversed(cls.__mro__) for name in vars(klass)))
 
 
 def _call_all(hooks: list[Callable[[], None]]) -> None:
@@ -284,7 +291,7 @@ class Service:
         """
         out: list[ConsumerPlan] = []
         shared: dict[str, tuple[list[str], ConsumerPlan]] = {}
-        for attr in dir(type(self)):
+        for attr in _declared(type(self)):
             spec: ConsumeSpec | None = getattr(getattr(type(self), attr, None), "_consume", None)
             if spec is None:
                 continue
