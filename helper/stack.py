@@ -127,7 +127,6 @@ class Stack:
         stack.env = {
             "LOG_LEVEL": "INFO",
             "PROFILE_JWT_SECRET": "test-signing-key-" + os.urandom(8).hex(),
-            "GATEWAY_ALLOWED_ORIGINS": "*",
             "ADMIN_USERNAME": "admin",
             "ADMIN_PASSWORD": "admin-password-for-tests",
             # Tests and benchmarks sign up thousands of users: OWASP's minimum Argon2id

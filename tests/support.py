@@ -134,6 +134,7 @@ class WsClient:
         token: str | None,
         via_query: bool = False,
         origin: str | None = None,
+        suppress_origin: bool = False,
         drop_duplicates: bool = True,
         timeout: float = 10,
         read_timeout: float | None = None,
@@ -143,7 +144,9 @@ class WsClient:
             headers.append(f"Authorization: Bearer {token}")
         if token and via_query:
             url = f"{url}?token={token}"
-        self.ws = websocket.create_connection(url, header=headers, origin=origin, timeout=timeout)
+        self.ws = websocket.create_connection(
+            url, header=headers, origin=origin, suppress_origin=suppress_origin, timeout=timeout
+        )
         # ``timeout`` bounds the handshake; reads must not time out, or the reader thread
         # would end after that long without a frame (an idle but healthy socket).
         self.ws.settimeout(read_timeout)

@@ -34,7 +34,8 @@ def blueprint(svc: Gateway) -> Blueprint:
     def check_upgrade() -> None:
         """Refuse before the upgrade: no verified identity -> 401, a foreign browser Origin -> 403."""
         user_id, device_id = identity()
-        if not origin_allowed(request.headers.get("Origin"), svc.origins):
+        host = request.headers.get("X-Forwarded-Host") or request.headers.get("Host")
+        if not origin_allowed(request.headers.get("Origin"), svc.origins, host):
             raise forbidden("origin not allowed")
         g.who = Identity(
             user_id=user_id,

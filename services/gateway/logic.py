@@ -298,13 +298,25 @@ def parse_origins(raw: str) -> frozenset[str]:
     return frozenset(_norm_origin(o) for o in raw.split(",") if o.strip())
 
 
-def origin_allowed(origin: str | None, allowed: frozenset[str]) -> bool:
-    """A socket without Origin is a non-browser client (allowed); a browser's must be listed."""
+def origin_allowed(origin: str | None, allowed: frozenset[str], host: str | None = None) -> bool:
+    """A socket without Origin is a non-browser client (allowed); a browser's must be the
+    page's own site (its host and port are the Host the browser asked for: the tester page
+    served by the same Nginx, whatever port it was moved to) or listed."""
     if origin is None or origin == "":
         return True
     if "*" in allowed:
         return True
-    return _norm_origin(origin) in allowed
+    norm = _norm_origin(origin)
+    if host and norm.partition("://")[2] == _norm_host(host, norm.partition("://")[0]):
+        return True
+    return norm in allowed
+
+
+def _norm_host(host: str, scheme: str) -> str:
+    """A Host header as an origin's host[:port] (the scheme's default port left out)."""
+    host = host.strip().lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme, "")
+    return host.removesuffix(default) if default else host
 
 
 # ---------------------------------------------------------------------------

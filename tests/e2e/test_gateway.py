@@ -67,9 +67,17 @@ def test_missing_or_invalid_token_is_refused_at_upgrade(stack: Stack, me: User) 
     assert upgrade_status(stack.ws_url, [f"X-User-Id: {me.user_id}", f"X-Device-Id: {me.device_id}"]) == 401
 
 
-def test_browser_origin_accepted_when_every_origin_is_allowed(me: User) -> None:
-    # The test stack runs with GATEWAY_ALLOWED_ORIGINS="*"; refusal of other origins is unit-tested.
-    pinged(me.connect(origin="https://app.example"))
+def test_a_browser_socket_from_the_sites_own_page_is_accepted_and_a_foreign_one_refused(
+    stack: Stack, me: User
+) -> None:
+    # The stack's defaults: no origin listed beyond the site's own (which sits on a free port).
+    pinged(me.connect(origin=stack.base_url))
+    pinged(me.connect(suppress_origin=True))  # a mobile app sends no Origin
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        me.connect(origin="https://evil.example")
+    assert refused.value.status_code == 403
+    body = json.loads(refused.value.resp_body or b"{}")
+    assert body["error"]["code"] == "forbidden"
 
 
 # -- frames ------------------------------------------------------------------------

@@ -33,7 +33,6 @@ def _make_run_env(var: Path) -> dict[str, str]:
             "GATEWAY_INSTANCES": "2",
             "KAFKA_BOOTSTRAP_SERVERS": "",
             "MONGO_URL": "",
-            "GATEWAY_ALLOWED_ORIGINS": "*",
         }
     )
     return env

@@ -45,6 +45,16 @@ def test_listed_origin_allowed_others_refused() -> None:
     assert not origin_allowed("null", allowed)
 
 
+def test_the_sites_own_origin_is_allowed_whatever_its_port() -> None:
+    allowed = parse_origins("http://127.0.0.1:8080")
+    assert origin_allowed("http://127.0.0.1:18080", allowed, host="127.0.0.1:18080")
+    assert origin_allowed("https://chat.example", allowed, host="Chat.Example")  # default port
+    assert origin_allowed("http://chat.example", allowed, host="chat.example:80")
+    assert not origin_allowed("https://evil.example", allowed, host="chat.example")
+    assert not origin_allowed("http://127.0.0.1:9999", allowed, host="127.0.0.1:18080")
+    assert not origin_allowed("null", allowed, host="127.0.0.1:18080")
+
+
 def test_star_allows_any_origin() -> None:
     assert origin_allowed("https://anything.example", parse_origins("*"))
 
