@@ -41,6 +41,42 @@ logger = logging.getLogger(__name__)
 POLL_MS = 50
 
 
+def _no_spin_while_paused() -> None:
+    """Stop kafka-python 3's producer from spinning while a connection is at its in-flight limit.
+
+    Its sender asks ``connection_delay(node)`` how long a node that is not
+    ready will stay so, and polls with that timeout; for a connected node
+    that is only paused (max in-flight requests reached) the answer is 0, so
+    the sender polls in a tight loop until the response comes (measured: the
+    gateways' busiest code at 200 msgs/s, with one request in flight). A
+    paused connection is waited on instead: the response is an I/O event
+    that wakes the sender's poll, and a new record wakes it through the
+    producer's wake-up. Only applied where the attributes it relies on exist.
+    """
+    try:
+        from kafka.net.compat import KafkaNetClient
+    except ImportError:  # another kafka-python line: nothing to mend
+        return
+    original = getattr(KafkaNetClient, "connection_delay", None)
+    if original is None or getattr(original, "_chatlib_patched", False):
+        return
+
+    def connection_delay(self: Any, node_id: Any) -> Any:
+        conns = getattr(getattr(self, "_manager", None), "_conns", {})
+        conn = conns.get(node_id)
+        if conn is not None and getattr(conn, "connected", False) and getattr(conn, "paused", None):
+            return PAUSED_WAIT_MS
+        return original(self, node_id)
+
+    connection_delay._chatlib_patched = True  # type: ignore[attr-defined]
+    KafkaNetClient.connection_delay = connection_delay
+
+
+#: How long the producer's sender waits on a paused connection when nothing wakes it first (ms).
+PAUSED_WAIT_MS = 100
+_no_spin_while_paused()
+
+
 class RetryBatch(Exception):
     """Raised by a handler that must see the same records again (its view of the world was
     stale and it has forgotten it); retried like a broker or database outage, never parked."""
@@ -154,12 +190,10 @@ class Publisher:
             acks="all",
             linger_ms=0,
             enable_idempotence=self._config.kafka_enable_idempotence,
-            # Not 1: kafka-python 3's sender spins (poll timeout 0) for as long as a connection
-            # is at its in-flight limit, which with 1 is every produce round trip (measured:
-            # the gateways' busiest code at 200 msgs/s). Order per key needs no more than
-            # this: persistence numbers messages in its own order and gateways order frames
-            # by seq, so a batch retried behind a later one is put right downstream.
-            max_in_flight_requests_per_connection=5,
+            # One request in flight: records sent meanwhile leave together in the next one
+            # (each request costs ~1 ms of kafka-python CPU whatever it carries), and a retried
+            # batch can never overtake a later one. See _no_spin_while_paused.
+            max_in_flight_requests_per_connection=1,
             retries=5,
             request_timeout_ms=10000,
             # kafka-python's own sensors cost CPU on every request; /metrics has ours.
