@@ -67,9 +67,7 @@ def test_missing_or_invalid_token_is_refused_at_upgrade(stack: Stack, me: User) 
     assert upgrade_status(stack.ws_url, [f"X-User-Id: {me.user_id}", f"X-Device-Id: {me.device_id}"]) == 401
 
 
-def test_a_browser_socket_from_the_sites_own_page_is_accepted_and_a_foreign_one_refused(
-    stack: Stack, me: User
-) -> None:
+def test_a_browser_socket_from_the_sites_own_page_is_accepted_and_a_foreign_one_refused(stack: Stack, me: User) -> None:
     # The stack's defaults: no origin listed beyond the site's own (which sits on a free port).
     pinged(me.connect(origin=stack.base_url))
     pinged(me.connect(suppress_origin=True))  # a mobile app sends no Origin
