@@ -43,7 +43,7 @@ class SharedConfig(BaseSettings):
     # empty = off (Apache Kafka answers a waiting fetch as soon as records arrive).
     kafka_wakeup_dir: str = shared("", "KAFKA_WAKEUP_DIR")
     # With wake-ups: how long an idle consumer sleeps between fetches when nobody rings.
-    kafka_wakeup_idle_ms: int = shared(1000, "KAFKA_WAKEUP_IDLE_MS")
+    kafka_wakeup_idle_ms: int = shared(5000, "KAFKA_WAKEUP_IDLE_MS")
     # With wake-ups: a busy consumer fetches at most this often (ms), so a burst is read in
     # fewer, fuller fetches (each costs ~1 ms of kafka-python CPU whatever it carries).
     kafka_wakeup_linger_ms: float = shared(0, "KAFKA_WAKEUP_LINGER_MS")

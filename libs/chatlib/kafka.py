@@ -77,6 +77,27 @@ PAUSED_WAIT_MS = 100
 _no_spin_while_paused()
 
 
+def _behind(consumer: KafkaConsumer) -> list[tuple[TopicPartition, int]]:
+    """Assigned partitions whose last fetched high watermark is past the consumer's position.
+
+    Reads kafka-python's subscription state directly: ``KafkaConsumer.position``
+    may block on a committed-offset refresh, and this runs after every poll.
+    """
+    assignment = getattr(getattr(consumer, "_subscription", None), "assignment", None)
+    if not assignment:
+        return []
+    out = []
+    for tp, state in list(assignment.items()):
+        high = getattr(state, "highwater", None)
+        if high is None or not getattr(state, "has_valid_position", False):
+            continue
+        position = state.position
+        offset = getattr(position, "offset", position)
+        if isinstance(offset, int) and high > offset:
+            out.append((tp, high))
+    return out
+
+
 class RetryBatch(Exception):
     """Raised by a handler that must see the same records again (its view of the world was
     stale and it has forgotten it); retried like a broker or database outage, never parked."""
@@ -463,13 +484,16 @@ class ConsumerWorker:
                     fetch_wait.missed(time.monotonic())
                     _set_fetch_wait(consumer, fetch_wait.ms)
                     metrics.KAFKA_FETCH_WAIT_MS.labels(self.name).set(fetch_wait.ms)
-                if records and doorbell is not None:
+                if doorbell is not None and settled:
                     now = time.monotonic()
                     for tp, msgs in records.items():
                         pending.read(tp.topic, tp.partition, msgs[-1].offset + 1)
-                        # More than one poll returns (max_poll_records): read on before sleeping.
-                        high = consumer.highwater(tp)
-                        if high is not None and high > msgs[-1].offset + 1:
+                    # Records the fetch did not bring (more than one poll returns, or a ring lost to a
+                    # full doorbell queue) show in the high watermarks: read on before sleeping.
+                    # On a topic read by key prefix, only where this poll found records: most of
+                    # its records are others', and chasing them would fetch for all of them.
+                    for tp, high in _behind(consumer):
+                        if tp.topic not in self.key_prefixes or tp in records:
                             pending.announce(tp.topic, tp.partition, high - 1, now)
                 if self.after_poll is not None:
                     self.after_poll(consumer)

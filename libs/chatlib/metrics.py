@@ -26,6 +26,12 @@ KAFKA_WAKEUPS = Counter(
     "Doorbell wake-ups of a consumer (ring: a producer rang; idle: the idle interval passed)",
     ["consumer", "kind"],
 )
+KAFKA_RINGS_DROPPED = Counter(
+    "kafka_rings_dropped_total",
+    "Rings a producer could not deliver because the doorbell's queue was full (the consumer"
+    " finds those records through the high watermarks of its next fetch)",
+    ["topic"],
+)
 KAFKA_FETCH_WAIT_MS = Gauge(
     "kafka_fetch_wait_ms", "Fetch wait of a woken consumer, widened as the embedded broker's log grows", ["consumer"]
 )

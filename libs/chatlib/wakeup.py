@@ -43,6 +43,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import metrics
+
 logger = logging.getLogger(__name__)
 
 _NAME_PREFIX = b"\0chat-wakeup/"
@@ -195,7 +197,9 @@ class Ringer:
                 try:
                     self._sock.sendto(payload, socket.MSG_DONTWAIT, addr)
                 except BlockingIOError:
-                    pass  # its queue is full: it has rings pending already
+                    # Its queue is full (net.unix.max_dgram_qlen, 10 by default): it has rings
+                    # pending, and its next fetch's high watermarks show it this record.
+                    metrics.KAFKA_RINGS_DROPPED.labels(topic).inc()
                 except OSError as exc:
                     if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
                         stale.append(name)

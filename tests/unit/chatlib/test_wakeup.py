@@ -130,3 +130,25 @@ def test_the_fetch_wait_never_narrows_below_its_floor() -> None:
     for t in range(2, 20, 2):
         w.tick(now=float(t))
     assert w.ms == 1
+
+
+def test_partitions_behind_their_high_watermark_are_found_from_the_consumers_state() -> None:
+    from types import SimpleNamespace
+
+    from chatlib.kafka import _behind
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    def state(high: int | None, position: int | None) -> SimpleNamespace:
+        pos = None if position is None else OffsetAndMetadata(position, "", -1)
+        return SimpleNamespace(highwater=high, has_valid_position=pos is not None, position=pos)
+
+    a, b, c, d = (TopicPartition("t", p) for p in range(4))
+    consumer = SimpleNamespace(
+        _subscription=SimpleNamespace(
+            assignment={a: state(10, 7), b: state(5, 5), c: state(None, 3), d: state(9, None)}
+        )
+    )
+    # Only a has records past its position; c was never fetched, d has no position yet.
+    assert _behind(consumer) == [(a, 10)]  # type: ignore[arg-type]
+    assert _behind(SimpleNamespace()) == []  # type: ignore[arg-type]
