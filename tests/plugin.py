@@ -44,6 +44,29 @@ def _dump_logs(var: Path) -> None:
         print(log.read_text(errors="replace")[-3000:])
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that used the stack gets what the services logged lately (warnings and
+    errors, and each log's last lines) in its report: CI keeps nothing else of the stack."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or call.when != "call" or "stack" not in getattr(item, "fixturenames", ()):
+        return
+    st = item.funcargs.get("stack")  # type: ignore[attr-defined]
+    if isinstance(st, Stack):
+        report.sections.append(("service logs (recent warnings and errors, last lines)", _recent_logs(st.var)))
+
+
+def _recent_logs(var: Path, scan: int = 400, keep: int = 25) -> str:
+    out = []
+    for log in sorted((var / "log").glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-scan:]
+        notable = [ln for ln in lines if any(w in ln for w in ("WARNING", "ERROR", "CRITICAL", "Traceback"))]
+        shown = list(dict.fromkeys(notable[-keep:] + lines[-5:]))
+        out.append(f"----- {log.name} -----\n" + "\n".join(shown))
+    return "\n".join(out)
+
+
 @pytest.fixture
 def api(stack: Stack) -> Api:
     return Api(stack.base_url)
