@@ -77,8 +77,9 @@ PAUSED_WAIT_MS = 100
 _no_spin_while_paused()
 
 
-def _behind(consumer: KafkaConsumer) -> list[tuple[TopicPartition, int]]:
-    """Assigned partitions whose last fetched high watermark is past the consumer's position.
+def _positions(consumer: KafkaConsumer) -> list[tuple[TopicPartition, int, int | None]]:
+    """(partition, position, last fetched high watermark or None) of every assigned partition
+    with a known position.
 
     Reads kafka-python's subscription state directly: ``KafkaConsumer.position``
     may block on a committed-offset refresh, and this runs after every poll.
@@ -88,14 +89,18 @@ def _behind(consumer: KafkaConsumer) -> list[tuple[TopicPartition, int]]:
         return []
     out = []
     for tp, state in list(assignment.items()):
-        high = getattr(state, "highwater", None)
-        if high is None or not getattr(state, "has_valid_position", False):
+        if not getattr(state, "has_valid_position", False):
             continue
         position = state.position
         offset = getattr(position, "offset", position)
-        if isinstance(offset, int) and high > offset:
-            out.append((tp, high))
+        if isinstance(offset, int):
+            out.append((tp, offset, getattr(state, "highwater", None)))
     return out
+
+
+def _behind(consumer: KafkaConsumer) -> list[tuple[TopicPartition, int]]:
+    """Assigned partitions whose last fetched high watermark is past the consumer's position."""
+    return [(tp, high) for tp, pos, high in _positions(consumer) if high is not None and high > pos]
 
 
 class RetryBatch(Exception):
@@ -486,14 +491,19 @@ class ConsumerWorker:
                     metrics.KAFKA_FETCH_WAIT_MS.labels(self.name).set(fetch_wait.ms)
                 if doorbell is not None and settled:
                     now = time.monotonic()
-                    for tp, msgs in records.items():
-                        pending.read(tp.topic, tp.partition, msgs[-1].offset + 1)
-                    # Records the fetch did not bring (more than one poll returns, or a ring lost to a
-                    # full doorbell queue) show in the high watermarks: read on before sleeping.
-                    # On a topic read by key prefix, only where this poll found records: most of
-                    # its records are others', and chasing them would fetch for all of them.
-                    for tp, high in _behind(consumer):
-                        if tp.topic not in self.key_prefixes or tp in records:
+                    # What lies before a partition's position is read (or was skipped: a consumer
+                    # that starts at the end); what lies between it and the high watermark the
+                    # fetch reported is not (more than one poll returns, or a ring was lost to a
+                    # full doorbell queue): read on before sleeping. On a topic read by key
+                    # prefix, only where this poll found records: most of its records are
+                    # others', and chasing them would fetch for all of them.
+                    for tp, position, high in _positions(consumer):
+                        pending.read(tp.topic, tp.partition, position)
+                        if (
+                            high is not None
+                            and high > position
+                            and (tp.topic not in self.key_prefixes or tp in records)
+                        ):
                             pending.announce(tp.topic, tp.partition, high - 1, now)
                 if self.after_poll is not None:
                     self.after_poll(consumer)

@@ -235,11 +235,14 @@ class Pending:
     not read yet: while any is outstanding it keeps fetching; once none is, it may sleep.
 
     An announcement that is not read within ``grace_s`` (its partition moved to
-    another group member, or the consumer started past it) is dropped, so a
-    consumer never fetches in vain for long.
+    another group member) is dropped, so a consumer never fetches in vain for
+    long. The grace is long enough for the fetch wait to widen from its floor to
+    its cap (:class:`FetchWait`): a broker whose log grew (or whose CPU is
+    scarce) may need that many empty fetches before one finds the records, and
+    a consumer that gave up sooner would sleep on records it was told of.
     """
 
-    def __init__(self, grace_s: float = 0.5):
+    def __init__(self, grace_s: float = 5.0):
         self.grace_s = grace_s
         #: (topic, partition) -> (highest announced offset, deadline)
         self._want: dict[tuple[str, int], tuple[int, float]] = {}

@@ -152,3 +152,17 @@ def test_partitions_behind_their_high_watermark_are_found_from_the_consumers_sta
     # Only a has records past its position; c was never fetched, d has no position yet.
     assert _behind(consumer) == [(a, 10)]  # type: ignore[arg-type]
     assert _behind(SimpleNamespace()) == []  # type: ignore[arg-type]
+
+
+def test_an_announcement_outlives_the_empty_fetches_that_widen_the_wait_to_its_cap() -> None:
+    from chatlib.wakeup import FetchWait
+
+    # A broker that needs the widest wait to find the records: every fetch until then comes
+    # back empty after its full wait, and the consumer must still be fetching when it gets there.
+    wait, spent = FetchWait(floor_ms=1), 0.0
+    while wait.ms < wait.cap_ms:
+        spent += wait.ms / 1000
+        wait.missed(spent)
+    p = Pending()
+    p.announce("t", 0, 7, now=0.0)
+    assert p.outstanding(spent + wait.cap_ms / 1000)
