@@ -50,16 +50,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     errors, and each log's last lines) in its report: CI keeps nothing else of the stack."""
     outcome = yield
     report = outcome.get_result()
-    if not report.failed or call.when != "call" or "stack" not in getattr(item, "fixturenames", ()):
+    if not report.failed or call.when != "call":
         return
-    st = item.funcargs.get("stack")  # type: ignore[attr-defined]
+    funcargs = getattr(item, "funcargs", {})
+    # A stack of the test's own (make run in a temporary folder) first, then the session's.
+    tmp = funcargs.get("tmp_path")
+    if isinstance(tmp, Path):
+        for logs in sorted({p.parent for p in tmp.glob("**/log/*.log")}):
+            report.sections.append((f"logs of {logs}", _recent_logs(logs)))
+    st = funcargs.get("stack")
     if isinstance(st, Stack):
-        report.sections.append(("service logs (recent warnings and errors, last lines)", _recent_logs(st.var)))
+        report.sections.append(("session stack's logs", _recent_logs(st.var / "log")))
 
 
-def _recent_logs(var: Path, scan: int = 400, keep: int = 25) -> str:
+def _recent_logs(folder: Path, scan: int = 400, keep: int = 25) -> str:
+    """Each log's recent warnings and errors and its last lines."""
     out = []
-    for log in sorted((var / "log").glob("*.log")):
+    for log in sorted(folder.glob("*.log")):
         lines = log.read_text(errors="replace").splitlines()[-scan:]
         notable = [ln for ln in lines if any(w in ln for w in ("WARNING", "ERROR", "CRITICAL", "Traceback"))]
         shown = list(dict.fromkeys(notable[-keep:] + lines[-5:]))
