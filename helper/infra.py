@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +41,13 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
     outright left every server running, holding its port. SIGTERM (not
     SIGKILL) lets a master stop what it forked itself: gunicorn its worker,
     nginx its workers. The kernel ties the signal to the *thread* that forks,
-    so it is only set from the main thread (a helper thread that restarts a
-    service would take that service with it when it ends).
+    so it is only set from the main thread, or from a thread that says it
+    lives as long as its children (``owns_children``, the supervisor thread of
+    :meth:`helper.stack.Stack.supervise`); a short-lived helper thread would take
+    what it started with it when it ends.
     """
-    if _LIBC is None or threading.current_thread() is not threading.main_thread():
+    thread = threading.current_thread()
+    if _LIBC is None or not (thread is threading.main_thread() or getattr(thread, "owns_children", False)):
         return None
     prctl = _LIBC.prctl
 
@@ -117,6 +121,11 @@ class Proc:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once it exited (negative: the signal that killed it)."""
+        return self.proc.poll() if self.proc else None
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -163,10 +172,17 @@ def tansu_binary() -> str:
 
 
 def kafka_proc(port: int, var: Path) -> Proc:
+    """The embedded broker, with a cluster id of its own at every start.
+
+    It keeps everything in memory, so each start is a new, empty cluster; a new
+    id is how running clients tell a broker that came back empty from one that
+    was only unreachable for a while (chatlib.kafka.BrokerWatch).
+    """
     url = f"tcp://127.0.0.1:{port}"
+    cluster = f"chat-embedded-{uuid.uuid4().hex[:12]}"
     return Proc(
         "kafka",
-        [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url, "--cluster-id", cluster],
         var / "log" / "kafka.log",
     )
 

@@ -4,9 +4,12 @@
     python -m helper.run infra          # Kafka, MongoDB, topics, Nginx only
     python -m helper.run service NAME   # one service in the foreground
 
-Reads .env (created from .env.tmpl by make). Ctrl-C or SIGTERM stops every
-process it started; so does the kernel if this runner is killed outright (each
-child gets SIGTERM when its parent dies, see ``helper.infra.Proc``).
+Reads .env (created from .env.tmpl by make). Once up, it keeps every process
+running: one that dies is started again with backoff, and the console says so
+(``helper.supervisor``); one that keeps crashing stops the system. Ctrl-C or
+SIGTERM stops every process it started; so does the kernel if this runner is
+killed outright (each child gets SIGTERM when its parent dies, see
+``helper.infra.Proc``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ class StopSignals:
     deadlocks when a second signal lands while the first is inside it, which
     is what ``make`` does on Ctrl-C or a group kill (it forwards another
     SIGTERM). The kernel writes each signal's number to a pipe
-    (``signal.set_wakeup_fd``), so the main loop wakes at once without polling.
+    (``signal.set_wakeup_fd``), so the main loop wakes at once without polling;
+    SIGCHLD gets a handler that does nothing for the same reason: a child that
+    dies wakes the supervisor at once.
     """
 
     def __init__(self, stack: Stack):
@@ -44,9 +49,13 @@ class StopSignals:
         signal.set_wakeup_fd(write, warn_on_full_buffer=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handler)
+        signal.signal(signal.SIGCHLD, self._child)
 
     def _handler(self, signum: int, frame: object) -> None:
         self.stack.stop_requested = True
+
+    def _child(self, signum: int, frame: object) -> None:
+        """Only wakes :meth:`wait` (through the wakeup pipe)."""
 
     def wait(self, timeout: float) -> bool:
         """Sleep up to ``timeout`` seconds or until a signal; True once a stop was requested."""
@@ -59,15 +68,20 @@ class StopSignals:
         return self.stack.stop_requested
 
 
-def _wait_for_signal(stack: Stack, signals: StopSignals, watch: bool) -> int:
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _supervise(stack: Stack, signals: StopSignals) -> int:
+    """Keep every process running until a stop is requested or one keeps crashing."""
+    supervisor = stack.supervisor(say)
     code = 0
-    while not signals.wait(1.0):
-        if watch:
-            dead = [p.name for p in stack.procs.values() if not p.alive()]
-            if dead:
-                print(f"stopping: process(es) exited unexpectedly: {', '.join(dead)} (see {stack.var}/log)", flush=True)
-                code = 1
-                break
+    while not signals.wait(0.2):
+        reason = supervisor.tick()
+        if reason is not None:
+            say(f"stopping: {reason}")
+            code = 1
+            break
     print("stopping every process...", flush=True)
     stack.stop()
     print("stopped.", flush=True)
@@ -152,13 +166,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"infrastructure up: Kafka {stack.kafka}, MongoDB {stack.mongo_url}, Nginx {stack.base_url}", flush=True
             )
             print("start services with make run-<service>; Ctrl-C stops.", flush=True)
-            return _wait_for_signal(stack, signals, watch=True)
+            return _supervise(stack, signals)
         print("starting Kafka, MongoDB, services and Nginx...", flush=True)
         profile_log = stack.var / "log" / "profile.log"
         log_start = profile_log.stat().st_size if profile_log.exists() else 0
         stack.start_all()
         print(up_banner(stack, generated_password_line(profile_log, log_start)), flush=True)
-        return _wait_for_signal(stack, signals, watch=True)
+        return _supervise(stack, signals)
     except StartInterrupted:
         print("signal during start-up: stopping what was started...", flush=True)
         stack.stop()

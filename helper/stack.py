@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .infra import (
     port_open,
     wait_until,
 )
+from .supervisor import Policy, Process, Recipe, Supervisor
 
 logger = logging.getLogger("stack")
 
@@ -117,6 +119,10 @@ class Stack:
     #: Set from a signal handler (a plain assignment: nothing that takes a lock runs
     #: inside a handler); starting stops at the next spawn or readiness check.
     stop_requested: bool = False
+    #: Set by :meth:`stop`: nothing is started again from then on.
+    stopping: bool = False
+    #: The background supervision of :meth:`supervise`, if any.
+    supervision: SupervisorThread | None = None
 
     @classmethod
     def for_tests(cls, var: Path, gateways: int = 2) -> Stack:
@@ -234,12 +240,12 @@ class Stack:
         if nginx:
             self.start_nginx()
 
-    def create_topics(self) -> None:
+    def create_topics(self, wait_s: float = 30) -> None:
         sys.path.insert(0, str(ROOT / "libs"))
         from chatlib.kafka import ensure_topics, wait_for_broker
         from chatlib.topics import ALL_TOPICS, gateway_topic
 
-        wait_for_broker(self.kafka, 30)
+        wait_for_broker(self.kafka, wait_s)
         topics = list(ALL_TOPICS) + [gateway_topic(f"gw{i}") for i in range(1, self.gateways + 1)]
         ensure_topics(self.kafka, topics)
 
@@ -270,17 +276,21 @@ class Stack:
         only = {n.strip() for n in os.environ.get("STACK_ONLY", "").split(",") if n.strip()}
         return [s.name for s in SERVICES if s.exists() and (not only or s.name in only or s.package in only)]
 
-    def start_service(self, name: str, instance: int | None = None, wait: bool = True) -> Proc:
+    def service_proc(self, name: str, instance: int | None = None) -> Proc:
+        """The process of one service (one gateway instance), not started."""
         s = spec(name)
         key = f"gateway-{instance or 1}" if name == "gateway" else name
-        port = self.ports[key]
-        proc = Proc(
+        return Proc(
             key,
             [sys.executable, "-m", f"services.{s.package}"],
             self.var / "log" / f"{key}.log",
             env=self.service_env(name, instance),
             cwd=ROOT,
         )
+
+    def start_service(self, name: str, instance: int | None = None, wait: bool = True) -> Proc:
+        proc = self.service_proc(name, instance)
+        port = self.ports[proc.name]
         if wait:
             self._start(proc, lambda: self.healthy(port), 60)
         else:
@@ -352,7 +362,9 @@ class Stack:
             raise RuntimeError(f"{proc.name} failed to start; log tail:\n{tail}") from None
 
     def restart(self, key: str, kill: bool = False) -> None:
-        """Stop (or kill -9) one process and start it again with the same settings."""
+        """Stop (or kill -9) one process and start it again with the same settings (unsupervised stacks)."""
+        if self.supervision is not None:
+            raise RuntimeError("a supervised stack restarts its processes itself")
         proc = self.procs[key]
         if kill:
             proc.kill()
@@ -366,13 +378,81 @@ class Stack:
             raise KeyError(f"restart of {key} is not supported")
 
     def restart_mongo(self, kill: bool = True) -> None:
-        """Kill (or stop) the embedded MongoDB and start it again on the same port and data."""
+        """Kill (or stop) the embedded MongoDB and start it again on the same port and data (unsupervised)."""
+        if self.supervision is not None:
+            raise RuntimeError("a supervised stack restarts its processes itself")
         proc = self.procs["mongo"]
         proc.kill() if kill else proc.stop()
         self._start(mongo_proc(self.mongo_port, self.var), lambda: port_open(self.mongo_port), 60)
 
+    # -- supervision --------------------------------------------------------
+
+    def recipe(self, key: str) -> Recipe:
+        """How the supervisor starts ``key`` again and tells that it serves."""
+        if key == "kafka":
+            return Recipe(lambda: kafka_proc(self.kafka_port, self.var), self._broker_ready)
+        if key == "mongo":
+            return Recipe(lambda: mongo_proc(self.mongo_port, self.var), lambda: port_open(self.mongo_port))
+        if key == "nginx":
+            return Recipe(lambda: nginx_proc(self.nginx_settings()), lambda: port_open(self.public_port))
+        port = self.ports[key]
+        if key.startswith("gateway-"):
+            instance = int(key.split("-")[1])
+            return Recipe(lambda: self.service_proc("gateway", instance), lambda: self.healthy(port))
+        return Recipe(lambda: self.service_proc(key), lambda: self.healthy(port))
+
+    def _broker_ready(self) -> bool:
+        """A restarted embedded broker is empty: ready once every topic is there again.
+
+        The services notice the new broker by themselves (its cluster id is new)
+        and rebuild what they kept on it; creating the topics here first gives
+        them their declared partition counts (the broker would create a topic a
+        client names with its own default).
+        """
+        if not port_open(self.kafka_port):
+            return False
+        try:
+            self.create_topics(wait_s=2)
+        except Exception as exc:  # noqa: BLE001 - not answering yet: asked again at the next look
+            logger.debug("topics not created yet: %s", exc)
+            return False
+        return True
+
+    def supervisor(self, say: Callable[[str], None], policy: Policy | None = None) -> Supervisor:
+        """A supervisor of every process started so far (call its ``tick`` from this thread)."""
+
+        def started(key: str, proc: Process) -> None:
+            assert isinstance(proc, Proc)
+            self.procs[key] = proc
+
+        sup = Supervisor(say, policy, on_start=started)
+        for key, proc in self.procs.items():
+            sup.watch(key, proc, self.recipe(key))
+        return sup
+
+    def supervise(self, say: Callable[[str], None] = print, policy: Policy | None = None) -> SupervisorThread:
+        """Supervise every process from a background thread (tests and the fault campaign).
+
+        ``make run`` supervises from its main thread instead (helper/run.py).
+        """
+        self.supervision = SupervisorThread(self, self.supervisor(say, policy))
+        self.supervision.start()
+        return self.supervision
+
     def stop(self) -> None:
         """Stop everything this stack started, services first, Kafka last."""
+        self.stopping = True
+        if self.supervision is not None:
+            # Wait for a look in progress (it may be starting a process) before listing them.
+            self.supervision.pause()
+        try:
+            self._stop_procs()
+        finally:
+            if self.supervision is not None:
+                self.supervision.finish()
+                self.supervision = None
+
+    def _stop_procs(self) -> None:
         infra = ("nginx", "mongo", "kafka")
         services = [p for k, p in self.procs.items() if k not in infra]
         # Services stop in parallel (each finishes its batch and commits), then the infrastructure.
@@ -386,6 +466,49 @@ class Stack:
             if proc is not None:
                 proc.stop(timeout=10)
         self.procs.clear()
+
+
+class SupervisorThread(threading.Thread):
+    """Runs a :class:`Supervisor` until the stack is stopped.
+
+    It lives until every process is stopped: the children it starts get their
+    parent-death signal from it (``owns_children``), so it must not end first.
+    If the supervisor gives up, ``gave_up`` says why and nothing more is restarted.
+    """
+
+    owns_children = True
+
+    def __init__(self, stack: Stack, supervisor: Supervisor, interval_s: float = 0.1):
+        super().__init__(name="stack-supervisor", daemon=True)
+        self.stack = stack
+        self.supervisor = supervisor
+        self.interval_s = interval_s
+        self.gave_up: str | None = None
+        self._lock = threading.Lock()
+        self._paused = False
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval_s):
+            with self._lock:
+                if self._paused or self.gave_up is not None:
+                    continue
+                try:
+                    self.gave_up = self.supervisor.tick()
+                except Exception:
+                    logger.exception("supervisor look failed")
+                if self.gave_up is not None:
+                    self.supervisor.say(f"giving up: {self.gave_up}")
+
+    def pause(self) -> None:
+        """No more restarts; returns once a look in progress is over."""
+        with self._lock:
+            self._paused = True
+
+    def finish(self) -> None:
+        self._done.set()
+        if self is not threading.current_thread():
+            self.join(10)
 
 
 def wait_http(url: str, timeout: float = 30) -> None:
