@@ -1,6 +1,7 @@
 """`make run` as a user runs it: it comes up and says where everything is, serves
 signup and login through Nginx, stops every process it started on SIGTERM,
-even when stopped hard, and keeps every group and conversation across a restart.
+even when stopped hard, keeps every group and conversation across a restart, and starts
+again a process that dies (kill -9 of a service, of MongoDB).
 
 Each test runs `make run` next to the suite's own system (the `stack` fixture),
 on other ports, as on a developer machine, with VAR_DIR in a temporary directory
@@ -18,7 +19,8 @@ import pytest
 import requests
 
 from helper.infra import ROOT
-from tests.integration.makerun import MakeRun, all_ports, free_ports, procs_with_env
+from tests.faults import CarefulClient
+from tests.integration.makerun import MakeRun, all_ports, cmdline, free_ports, procs_with_env
 from tests.support import Api, User, WsClient, dm_id, eventually, history, new_user
 
 UP = "Ctrl-C stops everything."
@@ -210,3 +212,71 @@ def test_a_restart_keeps_groups_and_conversations(tmp_path: Path, stack: object)
         run.kill()
         raise
     assert run.left_behind(all_ports(env), timeout=10) == []
+
+
+def _pid_of(var: Path, needle: str) -> int:
+    """The process the runner started whose command line contains ``needle`` (the leader of its
+    process group: a service may have workers of its own)."""
+    found = [p for p in procs_with_env(str(var)) if needle in cmdline(p) and _leads_its_group(p)]
+    assert len(found) == 1, f"{needle}: {[cmdline(p) for p in found]}"
+    return found[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_make_run_starts_again_what_dies(tmp_path: Path, stack: object) -> None:
+    """kill -9 of a service and of MongoDB under `make run`: the console says each exited and is
+    back, and messages flow again between careful clients without anyone stepping in."""
+    var = tmp_path / "var"
+    env = _make_run_env(var)
+    base = f"http://127.0.0.1:{env['PUBLIC_PORT']}"
+    ws_url = base.replace("http://", "ws://") + "/v1/ws"
+    run = _make_run(var, env)
+    clients: list[CarefulClient] = []
+    try:
+        run.wait_for(UP, 180)
+        alice, bob = new_user(base), new_user(base)
+        r = alice.api.post("/v1/groups", json={"name": "supervised", "members": [bob.user_id]})
+        assert r.status_code == 201, r.text
+        group_id = r.json()["group_id"]
+        a, b = CarefulClient(alice, ws_url).start(), CarefulClient(bob, ws_url).start()
+        clients = [a, b]
+
+        def flows(tag: str) -> None:
+            dm = a.send([bob.user_id], to=bob.user_id)
+            gm = b.send([alice.user_id], group=group_id)
+            eventually(lambda: _delivered(a, dm, b) and _delivered(b, gm, a), 120, f"messages after {tag}")
+
+        flows("start")
+        # Not the broker here: its loss while running is tests/e2e/test_faults.py's (see the reason it is
+        # marked xfail there); a restart of make run, where it also starts empty, is covered above.
+        for key, needle in (("persistence", "services.persistence"), ("mongo", "secantusd")):
+            os.kill(_pid_of(var, needle), signal.SIGKILL)
+            run.wait_for(f"{key} exited (signal 9); restarting in 1 s", 60)
+            run.wait_for(f"{key} is back", 120)
+            flows(f"kill -9 of {key}")
+        assert "stopping:" not in run.output
+        for c in clients:
+            c.stop()
+        run.signal_group(signal.SIGINT)
+        run.wait(60)
+    except BaseException:
+        for c in clients:
+            c.stop()
+        run.kill()
+        raise
+    assert "stopped." in run.output, run.output[-3000:]
+    assert run.left_behind(all_ports(env), timeout=10) == []
+
+
+def _leads_its_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except OSError:
+        return False
+
+
+def _delivered(sender: CarefulClient, cid: str, to: CarefulClient) -> bool:
+    with sender.lock:
+        acks = sender.acks.get(cid)
+    return bool(acks) and acks[0][0] in to.received
