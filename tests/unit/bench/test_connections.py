@@ -112,3 +112,13 @@ def test_options_default_to_the_issues_steps() -> None:
     p = argparse.ArgumentParser()
     c.add_arguments(p)
     assert p.parse_args([]).conn_levels == [1000, 5000, 10000]
+
+
+def test_the_login_ceiling_is_the_best_bare_rate_at_the_stacks_own_cost() -> None:
+    rows = [
+        {"cost": c.CONFIGURED, "per_s": 9.8},
+        {"cost": "default (RFC 9106 low-memory)", "per_s": 60.0},
+        {"cost": c.CONFIGURED, "per_s": 31.0},
+    ]
+    assert c.ceiling(rows) == 31.0
+    assert c.ceiling([]) is None
