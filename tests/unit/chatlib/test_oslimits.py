@@ -34,8 +34,14 @@ def test_a_higher_limit_is_left_alone(limits: dict[str, tuple[int, int]]) -> Non
 
 def test_a_real_process_started_with_a_low_limit_gets_what_it_asks_for() -> None:
     # No OS call replaced: a child starts at a 512 soft limit (a low shell's), asks for more.
+    import os
     import subprocess
     import sys
+    from pathlib import Path
+
+    import chatlib
+
+    libs = str(Path(chatlib.__file__).resolve().parents[1])
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
@@ -47,6 +53,7 @@ def test_a_real_process_started_with_a_low_limit_gets_what_it_asks_for() -> None
     out = subprocess.run(
         [sys.executable, "-c", code],
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)),
+        env={**os.environ, "PYTHONPATH": libs},
         capture_output=True,
         text=True,
         check=True,
