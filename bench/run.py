@@ -47,13 +47,13 @@ from chatlib.oslimits import raise_open_file_limit  # noqa: E402
 
 from helper.stack import Stack  # noqa: E402
 
-from . import report  # noqa: E402
+from . import connections, report  # noqa: E402
 from .phases import Bench, new_nonce  # noqa: E402
 from .pool import Pool  # noqa: E402
 
 #: In the order they run: the group fan-out, the heaviest (a thousand sockets, a thousand
 #: receipts per message), goes last so that a backlog it leaves cannot spoil another phase.
-PHASES = ("floor", "idle", "one", "ladder", "catchup", "group")
+PHASES = ("floor", "idle", "one", "ladder", "catchup", "group", "connections")
 
 
 def csv(kind: type) -> Any:
@@ -101,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--render", type=Path, metavar="RESULTS_JSON", help="only write the report and plots again from a results.json"
     )
+    connections.add_arguments(p)
     args = p.parse_args(argv)
     unknown = set(args.phases) - set(PHASES)
     if unknown:
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.env[key.strip()] = value.strip()
 
     def on_signal(signum: int, frame: Any) -> None:
-        stack.stop_requested.set()
+        stack.stop_requested = True  # a flag only: start-up checks it between steps
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -208,6 +209,7 @@ def run_phases(bench: Bench, args: argparse.Namespace, run: dict[str, Any]) -> N
         "ladder": bench.ladder,
         "group": bench.group,
         "catchup": bench.catch_up,
+        "connections": lambda: connections.run(bench),
     }
     for name in PHASES:
         if name not in chosen:
@@ -224,6 +226,8 @@ def run_phases(bench: Bench, args: argparse.Namespace, run: dict[str, Any]) -> N
         if name == "ladder" and isinstance(result, tuple):
             run["phases"] += result[0]
             run["ladder"] = result[1]
+        elif name == "connections":
+            run["connections"] = result  # its own section of docs/benchmarks.md (bench.connections)
         else:
             result.update(quiet)
             run["phases"].append(result)
@@ -232,6 +236,10 @@ def run_phases(bench: Bench, args: argparse.Namespace, run: dict[str, Any]) -> N
 
 
 def finish(run: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> None:
+    if "connections" in run:
+        connections.finish(run, args.docs, out_dir, ROOT)
+        if not run["phases"]:
+            return  # a run of the connection phase alone leaves the other section and results.json alone
     report.write_json(out_dir / "results.json", run)
     try:
         images = report.plots(run, out_dir)

@@ -226,6 +226,7 @@ class Stack:
 
     def start_infra(self, nginx: bool = True) -> None:
         """Kafka, MongoDB and topics (and Nginx unless told not to)."""
+        raise_child_file_limit()
         self.var.mkdir(parents=True, exist_ok=True)
         if self.embedded_kafka:
             if port_open(self.kafka_port):
@@ -509,6 +510,26 @@ class SupervisorThread(threading.Thread):
         self._done.set()
         if self is not threading.current_thread():
             self.join(10)
+
+
+#: Open files every process this stack starts may have at least (its soft limit): 10,000
+#: sockets are 20,000 descriptors in Nginx and 10,000 in a gateway.
+CHILD_NOFILE = 65536
+
+
+def raise_child_file_limit() -> int:
+    """Raise this process's soft open-file limit (up to the hard limit) before children start.
+
+    Children inherit it: the broker and the database hold a connection per
+    client, and an Nginx not run as root cannot raise its own past the hard
+    limit. Services raise theirs again as their settings need
+    (``chatlib.runner``). Returns the soft limit now in force.
+    """
+    if str(ROOT / "libs") not in sys.path:
+        sys.path.insert(0, str(ROOT / "libs"))
+    from chatlib.oslimits import raise_open_file_limit
+
+    return raise_open_file_limit(CHILD_NOFILE)
 
 
 def wait_http(url: str, timeout: float = 30) -> None:

@@ -96,6 +96,9 @@ def run(service_cls: type[Service]) -> None:
         "workers": 1,
         "worker_class": "gevent",
         "worker_connections": int(getattr(config, "worker_connections", 1000)),
+        # Connects queued before the worker accepts them (a reconnect storm brings thousands
+        # at once through Nginx); the kernel caps it at net.core.somaxconn (4096 by default).
+        "backlog": 4096,
         "graceful_timeout": int(getattr(config, "graceful_timeout_s", 10)),
         "timeout": 60,
         "accesslog": None,

@@ -1,8 +1,12 @@
-"""GET /v1/ws: the WebSocket endpoint (flask-sock).
+"""GET /v1/ws: the WebSocket endpoint.
 
 Checks made before the upgrade, as plain HTTP errors: the identity Nginx
-verified (401 without it) and the browser Origin (403 if present and not
-allowed). Nothing here logs the token, the query string or a frame's body.
+verified (401 without it), the browser Origin (403 if present and not
+allowed), a well-formed upgrade request (400) and room for one more socket
+(503). The upgrade itself is answered here: the socket is then taken over
+from gunicorn (a duplicate of its descriptor), and its reader runs in a
+greenlet of its own (see sockets.py for why). Nothing here logs the token,
+the query string or a frame's body.
 """
 
 from __future__ import annotations
@@ -10,14 +14,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from chatlib.errors import forbidden
+from chatlib.errors import ApiError, ErrorCode, forbidden, invalid
 from chatlib.http import DEVICE_TYPE_HEADER, PRIMARY_HEADER, identity
-from flask import Blueprint, g, request
-from flask_sock import Sock
-from simple_websocket import ConnectionClosed
+from flask import Blueprint, Response, g, request
 
-from .logic import Identity, origin_allowed
-from .sockets import WsTransport
+from .logic import Identity, origin_allowed, upgrade_problem
+from .sockets import WsTransport, accept_response
 
 if TYPE_CHECKING:
     from .service import Gateway
@@ -25,10 +27,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class _HandedOff(Response):
+    """The answer once the socket is ours: gunicorn writes nothing and lets its copy go.
+
+    Raising StopIteration from the WSGI call is how a gunicorn worker is told
+    the connection was taken over ("closing connection"); it then closes its
+    own descriptor, not the duplicate the gateway keeps.
+    """
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        raise StopIteration()
+
+
 def blueprint(svc: Gateway) -> Blueprint:
     """The gateway's routes, bound to the running service."""
     bp = Blueprint("gateway", __name__)
-    sock = Sock()
 
     @bp.before_request
     def check_upgrade() -> None:
@@ -44,24 +57,25 @@ def blueprint(svc: Gateway) -> Blueprint:
             primary=request.headers.get(PRIMARY_HEADER, "") == "1",
         )
 
-    @sock.route("/v1/ws", bp=bp)
-    def ws(ws: Any) -> None:
-        """One device's socket: frames in until it closes, then the disconnect is reported."""
-        conn = svc.open_socket(WsTransport(ws), g.who)
-        if conn is None:
-            return
+    # websocket=True: Werkzeug matches an upgrade request only to a WebSocket rule.
+    @bp.route("/v1/ws", websocket=True)
+    def ws() -> Response:
+        """Answer the upgrade and hand the socket to its reader (the disconnect is reported when it ends)."""
+        problem = upgrade_problem(request.headers)
+        if problem is not None:
+            raise invalid(problem)
+        if svc.full():
+            raise ApiError(ErrorCode.UNAVAILABLE, "this gateway is full, try again")
+        raw = request.environ.get("gunicorn.socket")
+        if raw is None:  # not served by gunicorn (a test client): nothing to take over
+            raise ApiError(ErrorCode.UNAVAILABLE, "WebSocket upgrade not supported by this server")
+        sock = raw.dup()
         try:
-            while not conn.closing:
-                data = ws.receive()
-                if data is None:
-                    continue
-                svc.on_frame(conn, data)
-        except ConnectionClosed:
-            pass
-        finally:
-            svc.forget_socket(conn)
-            conn.stop()
-            # Let a queued error frame and close frame go out before flask-sock closes the socket.
-            conn.wait_written(2)
+            sock.sendall(accept_response(request.headers["Sec-WebSocket-Key"]))
+        except OSError:
+            sock.close()
+            return _HandedOff()
+        svc.accept(WsTransport(sock), g.who)
+        return _HandedOff()
 
     return bp

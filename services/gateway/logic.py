@@ -5,12 +5,14 @@
   it; it decides what is written now, what waits, and which replays to ask for.
 - :class:`TokenBucket`: the per-socket frame rate limit.
 - :func:`origin_allowed`: the browser Origin check made before the upgrade.
+- :func:`upgrade_problem`: what is wrong with a WebSocket upgrade request, if anything.
 - :func:`frame_to_event`: a validated client frame to the Kafka event it becomes.
 - :func:`primary_online`: the REQUIRE_PRIMARY_ONLINE device policy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,6 +289,28 @@ class TokenBucket:
             self.tokens -= 1
             return True
         return False
+
+
+def _tokens(value: str | None) -> set[str]:
+    return {t.strip().lower() for t in (value or "").split(",") if t.strip()}
+
+
+def upgrade_problem(headers: Mapping[str, str]) -> str | None:
+    """Why a request is not a WebSocket upgrade this gateway accepts (RFC 6455, 4.2.1), or None.
+
+    Only version 13 exists; the key must be 16 bytes in base64 (24 characters).
+    Extensions a client offers (permessage-deflate) are never accepted.
+    """
+    if "websocket" not in _tokens(headers.get("Upgrade")):
+        return "a WebSocket upgrade is required"
+    if "upgrade" not in _tokens(headers.get("Connection")):
+        return "a WebSocket upgrade is required (Connection: Upgrade)"
+    if headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        return "Sec-WebSocket-Version must be 13"
+    key = headers.get("Sec-WebSocket-Key", "").strip()
+    if len(key) != 24 or not key.endswith("=="):
+        return "Sec-WebSocket-Key is missing or malformed"
+    return None
 
 
 def _norm_origin(origin: str) -> str:

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from chatlib import kafka as k
@@ -48,7 +49,17 @@ from pydantic_settings import SettingsConfigDict
 
 from . import http
 from .logic import PRIMARY_OFFLINE, Identity, SeqOutput, frame_to_event, parse_origins, primary_online
-from .sockets import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, Connection, DaemonThread, Hub, Transport, encode
+from .sockets import (
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY,
+    CLOSE_TRY_AGAIN,
+    Connection,
+    Hub,
+    Transport,
+    WsTransport,
+    encode,
+    spawn,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +67,9 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_CHUNK = 2000
 #: How often sequencers are checked for overdue replays.
 TICK_S = 0.5
+#: Largest client message read (fragments included): frames up to this size are read and
+#: answered with payload_too_large; anything larger closes the socket (1009) before it is buffered.
+MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 class GatewayConfig(ServiceConfig):
@@ -74,10 +88,51 @@ class GatewayConfig(ServiceConfig):
     ping_interval_s: float = Field(25.0, ge=0)
     send_queue_max: int = Field(10000, ge=10)
     graceful_timeout_s: int = Field(10, ge=1)
+    # Socket connects and disconnects gathered this long are produced together (ms; 0 = one by one).
+    announce_linger_ms: int = Field(10, ge=0, le=1000)
 
 
 def _user_key(ev: Event) -> str:
     return str(getattr(ev, "user_id", ""))
+
+
+class SessionEvents:
+    """The session events of this instance (connects, disconnects, heartbeats), produced in bursts.
+
+    Every produce is a broker round trip that costs kafka-python 1-2 ms of CPU
+    whatever it carries, and a reconnect storm brings hundreds of sockets a
+    second: the events queued within ``linger_s`` of the first go out
+    together, in one request. Their order is kept, so a socket's disconnect
+    never overtakes its connect.
+    """
+
+    def __init__(self, send: Callable[[Event, str], None], linger_s: float):
+        self._send = send
+        self.linger_s = linger_s
+        self._items: list[tuple[Event, str]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def add(self, ev: Event, key: str) -> None:
+        if self.linger_s <= 0:
+            self._send(ev, key)
+            return
+        with self._lock:
+            self._items.append((ev, key))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        timer = threading.Timer(self.linger_s, self.flush)
+        timer.daemon = True
+        timer.start()
+
+    def flush(self) -> None:
+        """Produce what is queued now (no yield between the sends: one batch for the producer)."""
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for ev, key in items:
+            self._send(ev, key)
 
 
 class Gateway(Service):
@@ -101,8 +156,12 @@ class Gateway(Service):
         self.topic: Topic = gateway_topic(config.instance_id)
         self.origins = parse_origins(config.allowed_origins)
         self.hub = Hub()
+        self.session_events = SessionEvents(
+            lambda ev, key: self._send(SESSION_EVENTS, ev, key), config.announce_linger_ms / 1000
+        )
         self._stopping = threading.Event()
         self._shutdown_started = False
+        self._shutdown_done = threading.Event()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -157,35 +216,37 @@ class Gateway(Service):
             logger.debug("SIGTERM hook not installed")
 
     def shutdown(self) -> None:
-        """Graceful stop: every socket gets a disconnect event and a 1001 close."""
+        """Graceful stop: every socket gets a disconnect event and a 1001 close.
+
+        Runs once; a second caller waits for the first to finish (gunicorn no
+        longer waits for the sockets, which left its pool at the upgrade).
+        """
         if self._shutdown_started:
+            self._shutdown_done.wait(30)
             return
         self._shutdown_started = True
-        conns = self.hub.all()
-        logger.info("closing %d sockets", len(conns))
-        for conn in conns:
-            self.forget_socket(conn)
-            conn.close(CLOSE_GOING_AWAY, "server shutting down")
         try:
-            self.producer.flush(timeout=5)
-        except Exception:
-            logger.warning("flushing disconnect events failed", exc_info=True)
-        for conn in conns:
-            conn.wait_written(2)
+            conns = self.hub.all()
+            logger.info("closing %d sockets", len(conns))
+            for conn in conns:
+                self.forget_socket(conn)
+                conn.close(CLOSE_GOING_AWAY, "server shutting down")
+            self.session_events.flush()
+            try:
+                self.producer.flush(timeout=5)
+            except Exception:
+                logger.warning("flushing disconnect events failed", exc_info=True)
+            deadline = time.monotonic() + 5
+            for conn in conns:
+                conn.wait_written(max(0.0, deadline - time.monotonic()))
+        finally:
+            self._shutdown_done.set()
 
     def on_stop(self) -> None:
         self._stopping.set()
         self.shutdown()
 
     def routes(self, app: Flask) -> None:
-        app.config["SOCK_SERVER_OPTIONS"] = {
-            # Frames up to this size are read and answered with payload_too_large;
-            # anything larger closes the socket (1009) before it is buffered.
-            "max_message_size": 1024 * 1024,
-            "ping_interval": self.config.ping_interval_s or None,
-            # Socket readers must not keep a stopping process alive waiting for clients.
-            "thread_class": DaemonThread,
-        }
         app.register_blueprint(http.blueprint(self))
 
     # -- sockets ------------------------------------------------------------
@@ -216,13 +277,40 @@ class Gateway(Service):
         logger.debug("socket %s opened", conn.conn_id)
         return conn
 
+    def full(self) -> bool:
+        """No room for another socket (GATEWAY_WORKER_CONNECTIONS): the upgrade is refused."""
+        return len(self.hub) >= self.config.worker_connections
+
+    def run_socket(self, transport: WsTransport, who: Identity) -> None:
+        """One accepted socket's whole life, in its own greenlet: open, read until it ends, forget."""
+        try:
+            conn = self.open_socket(transport, who)
+            if conn is None:
+                return
+            try:
+                transport.run(
+                    conn, lambda data: self.on_frame(conn, data), self.config.ping_interval_s, MAX_MESSAGE_BYTES
+                )
+            finally:
+                self.forget_socket(conn)
+                conn.stop()
+                # Let a queued error frame and close frame go out before the socket is closed.
+                conn.wait_written(2)
+        except Exception:
+            logger.exception("socket failed")
+        finally:
+            transport.finish()
+
+    def accept(self, transport: WsTransport, who: Identity) -> None:
+        """Take over an upgraded socket: its reader runs in a greenlet of its own."""
+        spawn(lambda: self.run_socket(transport, who), "ws-reader")
+
     def forget_socket(self, conn: Connection) -> None:
         """The socket is closed or closing: unregister it and report the disconnect (once)."""
         if not self.hub.remove(conn):
             return
         metrics.WS_CONNECTIONS.dec()
-        self._send(
-            SESSION_EVENTS,
+        self.session_events.add(
             DeviceDisconnected(
                 user_id=conn.who.user_id,
                 device_id=conn.who.device_id,
@@ -358,8 +446,7 @@ class Gateway(Service):
     def _announce(self, conn: Connection) -> None:
         """DeviceConnected for this socket: session marks it online, persistence replays to it."""
         who = conn.who
-        self._send(
-            SESSION_EVENTS,
+        self.session_events.add(
             DeviceConnected(
                 user_id=who.user_id,
                 device_id=who.device_id,
@@ -421,7 +508,7 @@ class Gateway(Service):
                 if now >= next_beat:
                     next_beat = now + self.config.heartbeat_s
                     for beat in self.heartbeats(now_ms()):
-                        self._send(SESSION_EVENTS, beat, self.instance)
+                        self.session_events.add(beat, self.instance)
                 self.tick(now)
             except Exception:
                 logger.exception("gateway ticker failed")

@@ -188,6 +188,48 @@ def test_both_gateway_instances_hold_sockets(stack: Stack, me: User) -> None:
     assert after[1] > before[1] and after[2] > before[2], (before, after)
 
 
+def test_gateways_hold_hundreds_of_sockets_at_once_and_answer_each(stack: Stack, me: User) -> None:
+    # One device's token on every socket (a device may hold several): each socket is its own
+    # upgrade through Nginx and its own token check, and each must answer its own ping.
+    count = 300
+    before = sum(ws_gauge(stack, i) for i in (1, 2))
+    socks = []
+    try:
+        for _ in range(count):
+            socks.append(
+                websocket.create_connection(
+                    stack.ws_url, header=[f"Authorization: Bearer {me.access_token}"], timeout=30
+                )
+            )
+        assert sum(ws_gauge(stack, i) for i in (1, 2)) - before == count
+        for ws in socks:
+            ws.send('{"type":"ping"}')
+        for ws in socks:
+            while json.loads(ws.recv())["type"] != "pong":  # presence or other frames may come first
+                pass
+    finally:
+        for ws in socks:
+            ws.close()
+
+
+def _nofile(pid: int) -> tuple[int, int]:
+    """(soft, hard) open-file limit of a running process, from /proc."""
+    with open(f"/proc/{pid}/limits") as f:
+        row = next(line for line in f if line.startswith("Max open files"))
+    soft, hard = row.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_services_raise_their_open_file_limit_for_their_connections(stack: Stack) -> None:
+    # The gateway asks for GATEWAY_WORKER_CONNECTIONS (20000) + 1024 descriptors, as much as
+    # its hard limit allows; every other service at least the 1024 a shell often gives.
+    for key, want in (("gateway-1", 21024), ("gateway-2", 21024), ("profile", 2024)):
+        pid = stack.procs[key].pid
+        assert pid is not None
+        soft, hard = _nofile(pid)
+        assert soft >= min(want, hard), (key, soft, hard)
+
+
 def test_presence_seen_through_profile(stack: Stack, me: User) -> None:
     viewer = new_user(stack.base_url)
 

@@ -316,7 +316,7 @@ def test_render_script_makes_a_valid_container_config(tmp_path: Path) -> None:
     conf = (tmp_path / "nginx.conf").read_text()
     body = "\n".join(line for line in conf.splitlines() if not line.lstrip().startswith("#"))
     assert "{{" not in body
-    assert "listen 18080;" in body and "listen 127.0.0.1" not in body
+    assert "listen 18080 backlog=4096;" in body and "listen 127.0.0.1" not in body
     for n in names:
         assert f"upstream {n} {{" in body
     assert body.count("server 127.0.0.1:91") == 3

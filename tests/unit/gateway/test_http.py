@@ -47,3 +47,18 @@ def test_health_and_metrics_are_served() -> None:
     assert c.get("/healthz").status_code == 200
     body = c.get("/metrics").get_data(as_text=True)
     assert "ws_connections" in body
+
+
+def test_a_request_that_is_no_upgrade_is_400() -> None:
+    headers = {**UPGRADE, "X-User-Id": "u1", "X-Device-Id": "d1", "Sec-WebSocket-Version": "8"}
+    r = client().get("/v1/ws", headers=headers)
+    assert r.status_code == 400
+    assert r.get_json()["error"]["code"] == "invalid_request"
+
+
+def test_a_full_gateway_refuses_the_upgrade_with_503() -> None:
+    gw = Gateway(GatewayConfig(instance_id="gw1", worker_connections=1), producer=NullPublisher())
+    gw.hub._conns["c0"] = object()  # type: ignore[assignment]  # one socket held: full
+    r = gw.create_app().test_client().get("/v1/ws", headers={**UPGRADE, "X-User-Id": "u1", "X-Device-Id": "d1"})
+    assert r.status_code == 503
+    assert r.get_json()["error"]["code"] == "unavailable"

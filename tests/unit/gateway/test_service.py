@@ -105,6 +105,8 @@ class FakeView:
 
 
 def make(**cfg: Any) -> tuple[Gateway, FakePublisher]:
+    # Session events one by one, so a test sees them at once (their bursts are tested apart).
+    cfg.setdefault("announce_linger_ms", 0)
     pub = FakePublisher()
     extra: dict[str, Any] = {}
     if cfg.get("require_primary_online"):
@@ -473,3 +475,26 @@ def test_policy_keeps_secondaries_while_local_primary_socket_is_open() -> None:
     conn, _ = open_(gw, "alice", "web1", primary=False)
     gw.on_sessions_update(UserSessions(user_id="alice", devices=[], online=False, last_seen=2))
     assert not conn.closing
+
+
+# -- session events in bursts -----------------------------------------------------
+
+
+def test_connects_and_disconnects_go_out_together_and_in_order_after_the_linger() -> None:
+    gw, pub = make(announce_linger_ms=100)
+    a, _ = open_(gw, "alice", "d1")
+    open_(gw, "bob", "d1")
+    gw.forget_socket(a)
+    assert pub.sent == []  # gathered, not yet produced
+    wait_until(lambda: len(pub.sent) == 3)
+    kinds = [(type(ev).__name__, ev.user_id) for _, _, ev in pub.sent]
+    assert kinds == [("DeviceConnected", "alice"), ("DeviceConnected", "bob"), ("DeviceDisconnected", "alice")]
+    assert all(topic == "session.events.v1" for topic, _, _ in pub.sent)
+
+
+def test_shutdown_produces_the_gathered_events_at_once() -> None:
+    gw, pub = make(announce_linger_ms=1000)
+    opened = [open_(gw, f"u{i}", "d") for i in range(2)]
+    gw.shutdown()
+    assert len(pub.events(DeviceConnected)) == 2
+    assert {e.conn_id for e in pub.events(DeviceDisconnected)} == {c.conn_id for c, _ in opened}
