@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import gevent
 from chatlib import kafka as k
 from chatlib import metrics
 from chatlib.errors import ApiError
@@ -206,7 +207,10 @@ class Gateway(Service):
             return
 
         def on_term(sig: int, frame: Any) -> None:
-            threading.Thread(target=self.shutdown, name="gateway-shutdown", daemon=True).start()
+            # Nothing that may block runs in a signal handler: under gevent starting a thread
+            # waits for it to start, a blocking switch from the hub (BlockingSwitchOutError).
+            # A greenlet is only scheduled; gunicorn defers its own handlers the same way.
+            gevent.spawn(self.shutdown)
             if callable(previous):
                 previous(sig, frame)
 
