@@ -153,6 +153,12 @@ class Fuzz:
     def pong(self) -> bool:
         return self.code is None
 
+    def __repr__(self) -> str:
+        # Hypothesis prints a failing example: a few hundred KiB of frames would hide it.
+        shown = self.payload[:300]
+        more = f" (+{len(self.payload) - 300})" if len(self.payload) > 300 else ""
+        return f"Fuzz({shown!r}{more}, binary={self.binary}, code={self.code!r}, ref={self.ref!r})"
+
 
 def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
