@@ -594,8 +594,22 @@ def test_a_flood_of_fuzzed_frames_is_rate_limited_and_the_socket_stays_open(part
             time.sleep(0.2)
 
     flood()
-    cid = ws.send_message(to=p.bob.user_id, body="after the flood")
-    ack = ws.expect("ack", id=cid, timeout=30)
+    # A valid message goes through, sent again (same id) while the socket is still over its rate.
+    cid = uuid.uuid4().hex
+    deadline = time.monotonic() + 30
+    ack: dict[str, Any] | None = None
+    while ack is None:
+        assert time.monotonic() < deadline, "the message was never acknowledged"
+        ws.send_message(to=p.bob.user_id, body="after the flood", cid=cid)
+        while True:  # its ack, or rate_limited (then it is sent again)
+            f = ws.frames.get(timeout=30)
+            if f.get("type") == "ack" and f.get("id") == cid:
+                ack = f
+                break
+            if f.get("type") == "error":
+                assert f["code"] == "rate_limited", f
+                time.sleep(0.2)
+                break
     assert p.bob_ws.expect("message", id=cid, timeout=30)["seq"] == ack["seq"]
 
 
