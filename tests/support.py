@@ -157,6 +157,8 @@ class WsClient:
         self.drop_duplicates = drop_duplicates
         self.closed = threading.Event()
         self.close_reason: str | None = None
+        #: The close code the server sent (RFC 6455 section 7.4), once the socket is closed.
+        self.close_code: int | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -165,6 +167,7 @@ class WsClient:
             while True:
                 opcode, data = self.ws.recv_data()
                 if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    self.close_code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
                     self.close_reason = data[2:].decode(errors="replace") if len(data) > 2 else ""
                     break
                 if opcode != websocket.ABNF.OPCODE_TEXT:

@@ -13,6 +13,7 @@ send) and built with the ``*Frame`` helpers (what the server sends).
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, ClassVar, Literal, TypeVar
@@ -700,6 +701,19 @@ class FrameError(Exception):
         self.ref = ref
 
 
+#: A JSON escape of a UTF-16 surrogate; the only way one gets into a frame that is valid UTF-8.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """True if a decoded JSON value holds a string with an unpaired surrogate (keys included)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def parse_client_frame(text: str | bytes) -> _Frame:
     """Validate one client frame; raises FrameError with the contract's code."""
     raw = text.encode() if isinstance(text, str) else text
@@ -709,9 +723,17 @@ def parse_client_frame(text: str | bytes) -> _Frame:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise FrameError("invalid_request", "frame is not valid JSON") from None
+    except RecursionError:
+        # A few kilobytes of "[[[[..." exhaust the decoder's stack: still the client's fault.
+        raise FrameError("invalid_request", "frame is nested too deeply") from None
     if not isinstance(data, dict):
         raise FrameError("invalid_request", "frame must be a JSON object")
     ref = data.get("id") if isinstance(data.get("id"), str) else None
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(data):
+        # "\ud800" alone is valid JSON but no Unicode text: it cannot be stored, forwarded,
+        # or even echoed back in an error's ``ref`` (UTF-8 cannot encode it).
+        ref = None if ref is None or _has_lone_surrogate(ref) else ref
+        raise FrameError("invalid_request", "frame contains a lone UTF-16 surrogate (not Unicode text)", ref)
     kind = data.get("type")
     klass = CLIENT_FRAMES.get(kind) if isinstance(kind, str) else None
     if klass is None:

@@ -333,6 +333,9 @@ class Gateway(Service):
             conn.send_frame(error_frame("rate_limited", "too many frames, slow down"))
             return
         try:
+            if isinstance(data, bytes):
+                # The contract's frames are JSON text frames; a binary one is refused, whatever it holds.
+                raise FrameError("invalid_request", "frames must be JSON text frames, not binary")
             frame = parse_client_frame(data)
         except FrameError as exc:
             metrics.WS_FRAMES.labels("in", "invalid").inc()

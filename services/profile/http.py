@@ -40,9 +40,20 @@ def blueprint(svc: ProfileService) -> Blueprint:
         return jsonify(svc.signup(req)), 201
 
     @bp.post("/v1/auth/login")
-    def login() -> Response:
-        """Log a device in: tokens for a new device, or for the caller's own ``device_id``."""
-        return jsonify(svc.login(logic.parse_login(json_body())))
+    def login() -> Response | tuple[Response, int]:
+        """Log a device in: tokens for a new device, or for the caller's own ``device_id``.
+
+        429 with Retry-After when the username or the caller's address is locked out after
+        failed logins (the address is the one Nginx puts in X-Forwarded-For).
+        """
+        req = logic.parse_login(json_body())
+        address = logic.client_address(request.headers.get("X-Forwarded-For"), request.remote_addr)
+        try:
+            return jsonify(svc.login(req, address))
+        except logic.LoginThrottled as exc:
+            resp = jsonify(exc.to_body())
+            resp.headers["Retry-After"] = str(exc.retry_after_s)
+            return resp, exc.status
 
     @bp.post("/v1/auth/refresh")
     def refresh() -> Response:

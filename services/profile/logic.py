@@ -418,6 +418,80 @@ def tombstone(user_id: str) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Failed-login throttling: per account and per client address
+# ---------------------------------------------------------------------------
+
+LOGIN_THROTTLED = "too many failed logins, try again later"
+
+
+@dataclass(frozen=True)
+class LoginLimits:
+    """After ``per_account`` failed logins for one username (or ``per_address`` from one
+    address) within ``window_s``, logins for it are refused for ``lockout_s``; each further
+    lockout of the same key doubles, up to ``max_lockout_s``. A limit of 0 is off."""
+
+    per_account: int = 5
+    per_address: int = 50
+    window_s: int = 900
+    lockout_s: int = 60
+    max_lockout_s: int = 3600
+    exempt_addresses: frozenset[str] = frozenset()
+
+
+class LoginThrottled(ApiError):
+    """429 ``rate_limited`` with the seconds to wait (the Retry-After header)."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(ErrorCode.RATE_LIMITED, LOGIN_THROTTLED, {"retry_after_s": retry_after_s})
+        self.retry_after_s = retry_after_s
+
+
+def account_key(username: str) -> str:
+    """The counter of one username, whether or not an account has it (no existence oracle)."""
+    return "account:" + username
+
+
+def address_key(address: str) -> str:
+    return "address:" + address
+
+
+def throttle_keys(username: str, address: str | None, limits: LoginLimits) -> dict[str, int]:
+    """The counters a login attempt is checked against and counted in, with their limits."""
+    keys: dict[str, int] = {}
+    if limits.per_account > 0:
+        keys[account_key(username)] = limits.per_account
+    if limits.per_address > 0 and address and address not in limits.exempt_addresses:
+        keys[address_key(address)] = limits.per_address
+    return keys
+
+
+def client_address(forwarded_for: str | None, remote_addr: str | None) -> str | None:
+    """The caller's address: the entry the nearest proxy (Nginx, which overwrites the header
+    with ``$remote_addr``) added to X-Forwarded-For, else the socket's peer."""
+    if forwarded_for:
+        last = forwarded_for.split(",")[-1].strip()
+        if last:
+            return last
+    return remote_addr or None
+
+
+def lockout_wait_s(counters: list[dict[str, Any]], now: int) -> int:
+    """Whole seconds until every counter's lockout is over (0: the attempt may go on)."""
+    until = max((int(c.get("locked_until", 0)) for c in counters), default=0)
+    return 0 if until <= now else max(1, -(-(until - now) // 1000))
+
+
+def lockout_ms(lockouts: int, limits: LoginLimits) -> int:
+    """The length of a key's next lockout, ``lockouts`` being how many it already had."""
+    return min(limits.lockout_s * 2 ** min(lockouts, 30), limits.max_lockout_s) * 1000
+
+
+def window_stale(counter: dict[str, Any], now: int, limits: LoginLimits) -> bool:
+    """Failures older than the window are forgotten."""
+    return now - int(counter.get("window_start", now)) > limits.window_s * 1000
+
+
+# ---------------------------------------------------------------------------
 # Account deletion: active|disabled -> deleting -> deleted
 # ---------------------------------------------------------------------------
 

@@ -75,6 +75,15 @@ class ProfileConfig(ServiceConfig):
     argon2_time_cost: int = Field(3, ge=2, le=10)
     argon2_memory_kib: int = Field(65536, ge=19456, le=1048576)
     argon2_parallelism: int = Field(4, ge=1, le=8)
+    # Failed logins: after this many for one username (or from one address) within the window,
+    # that username (address) is locked out; each further lockout doubles, up to the maximum.
+    # 0 turns a limit off. Exempt addresses (comma list) are never locked out per address.
+    login_failures_per_account: int = Field(5, ge=0)
+    login_failures_per_address: int = Field(50, ge=0)
+    login_failure_window_s: int = Field(900, ge=1)
+    login_lockout_s: int = Field(60, ge=1)
+    login_max_lockout_s: int = Field(3600, ge=1)
+    login_exempt_addresses: str = ""
     admin_username: str = shared("admin", "ADMIN_USERNAME")
     admin_password: SecretStr = shared(SecretStr(""), "ADMIN_PASSWORD")
 
@@ -107,6 +116,17 @@ class ProfileConfig(ServiceConfig):
     @property
     def signing_key(self) -> str:
         return self._signing_key
+
+    @property
+    def login_limits(self) -> logic.LoginLimits:
+        return logic.LoginLimits(
+            per_account=self.login_failures_per_account,
+            per_address=self.login_failures_per_address,
+            window_s=self.login_failure_window_s,
+            lockout_s=self.login_lockout_s,
+            max_lockout_s=max(self.login_lockout_s, self.login_max_lockout_s),
+            exempt_addresses=frozenset(a.strip() for a in self.login_exempt_addresses.split(",") if a.strip()),
+        )
 
 
 def _session_key(ev: Event) -> str:
@@ -297,13 +317,30 @@ class ProfileService(Service):
         self._emit(doc["_id"], UserRegistered(user_id=doc["_id"], username=req.username, name=req.name))
         return logic.profile_view(doc)
 
-    def login(self, req: logic.LoginRequest) -> dict[str, Any]:
-        """Check credentials, then log a new or the caller's existing device in."""
+    def login(self, req: logic.LoginRequest, address: str | None = None) -> dict[str, Any]:
+        """Check credentials, then log a new or the caller's existing device in.
+
+        A username or an address locked out after failed logins is refused (429) before its
+        password is even looked at: a right password then reads the same as a wrong one.
+        """
+        limits = self.config.login_limits
+        keys = logic.throttle_keys(req.username, address, limits)
+        counters = self.store.get_login_counters(keys) if keys else []
+        wait = logic.lockout_wait_s(counters, self.now())
+        if wait:
+            raise logic.LoginThrottled(wait)
         user = self.store.get_user_by_username(req.username) if logic.USERNAME_RE.match(req.username) else None
-        refusal = logic.login_refusal(user, self._check_password(user, req.password))
+        password_ok = self._check_password(user, req.password)
+        refusal = logic.login_refusal(user, password_ok)
         if refusal is not None:
+            if refusal.code is ErrorCode.UNAUTHORIZED:
+                self._count_failed_login(keys, limits)
             raise refusal
         assert user is not None
+        account = logic.account_key(req.username)
+        if any(c["_id"] == account for c in counters):
+            # Only the account's own count: another account's success must not clear an address.
+            self.store.delete_login_counter(account)
         if self.hasher.check_needs_rehash(user["password_hash"]):
             new_hash = _offload(self.hasher.hash, req.password)
             self.store.set_user(user["_id"], {"password_hash": new_hash})
@@ -333,6 +370,19 @@ class ProfileService(Service):
         if events:
             self._emit(uid, *events)
         return tokens
+
+    def _count_failed_login(self, keys: dict[str, int], limits: logic.LoginLimits) -> None:
+        """One more failure on each key; a key that reaches its limit is locked out."""
+        now = self.now()
+        window_ms = limits.window_s * 1000
+        for key, limit in keys.items():
+            doc = self.store.add_login_failure(key, now, window_ms, now + window_ms)
+            failures = int(doc.get("failures", 1))
+            if failures < limit:
+                continue
+            until = now + logic.lockout_ms(int(doc.get("lockouts", 0)), limits)
+            if self.store.set_login_locked(key, failures, until, until + window_ms):
+                logger.warning("%d failed logins for %s: locked out for %d s", failures, key, (until - now) // 1000)
 
     def _create_device(
         self, user: dict[str, Any], device_type: str, sid: str, push_token: str | None, now: int

@@ -11,12 +11,17 @@ Collections:
 - ``refresh_tokens``: ``_id`` sha256 of the token, ``user_id``, ``device_id``,
   ``sid``, ``expires_ts``, ``used_ts``.
 - ``audit``: server-administrator actions (``actor``, ``action``, ``target``, ``ts``).
+- ``login_failures``: ``_id`` a throttle key (``account:<username>``, ``address:<ip>``),
+  ``failures`` in the current window since ``window_start``, ``locked_until`` (ms),
+  ``lockouts`` so far, ``expires_at`` (a TTL index forgets quiet keys). Shared by every
+  profile instance, so a lockout holds whichever instance Nginx picks.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from chatlib.mongo import Index, find_in, journaled
@@ -44,6 +49,7 @@ class ProfileStore:
         Index("devices", [("user_id", 1)]),
         Index("refresh_tokens", [("expires_ts", 1)]),
         Index("audit", [("target", 1)]),
+        Index("login_failures", [("expires_at", 1)], options={"expireAfterSeconds": 0}),
     ]
 
     def __init__(self, db: Database[Doc]):
@@ -52,6 +58,8 @@ class ProfileStore:
         self.devices = journaled(db["devices"])
         self.refresh = journaled(db["refresh_tokens"])
         self.audit = journaled(db["audit"])
+        # Counters, not records: the default write concern is enough.
+        self.login_failures = db["login_failures"]
 
     # -- users -------------------------------------------------------------
 
@@ -179,3 +187,44 @@ class ProfileStore:
 
     def insert_audit(self, doc: Doc) -> None:
         self.audit.insert_one(doc)
+
+    # -- failed logins -----------------------------------------------------
+
+    def get_login_counters(self, keys: Iterable[str]) -> list[Doc]:
+        return list(self.login_failures.find({"_id": {"$in": list(keys)}}))
+
+    def add_login_failure(self, key: str, now: int, window_ms: int, expires_ms: int) -> Doc:
+        """Count one failed login for ``key`` (a window older than ``window_ms`` starts again)."""
+        self.login_failures.update_one(
+            {"_id": key, "window_start": {"$lt": now - window_ms}}, {"$set": {"failures": 0, "window_start": now}}
+        )
+        doc = self.login_failures.find_one_and_update(
+            {"_id": key},
+            {
+                "$inc": {"failures": 1},
+                "$set": {"expires_at": _when(expires_ms)},
+                "$setOnInsert": {"window_start": now, "lockouts": 0, "locked_until": 0},
+            },
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+        return doc or {"_id": key, "failures": 1}
+
+    def set_login_locked(self, key: str, failures: int, until: int, expires_ms: int) -> bool:
+        """Lock ``key`` until ``until`` if no other instance did for these ``failures``; its count starts again."""
+        result = self.login_failures.update_one(
+            {"_id": key, "failures": failures},
+            {
+                "$set": {"locked_until": until, "failures": 0, "window_start": until, "expires_at": _when(expires_ms)},
+                "$inc": {"lockouts": 1},
+            },
+        )
+        return result.modified_count == 1
+
+    def delete_login_counter(self, key: str) -> None:
+        self.login_failures.delete_one({"_id": key})
+
+
+def _when(ms: int) -> datetime:
+    """Milliseconds since the epoch as the UTC datetime a TTL index reads."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)

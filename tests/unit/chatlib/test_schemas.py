@@ -95,12 +95,30 @@ def test_conversation_ids() -> None:
         ('{"type": "receipt", "conversation": "dm:a:b", "status": "seen", "up_to_seq": 1}', "invalid_request"),
         ('{"type": "receipt", "conversation": "dm:a:b", "status": "read", "up_to_seq": -1}', "invalid_request"),
         ('{"type": "typing", "conversation": "dm:a:b", "state": "maybe"}', "invalid_request"),
+        # Found by frame fuzzing (tests/e2e/test_frame_fuzz.py): the decoder's stack, and lone surrogates.
+        ("[" * 5000 + "]" * 5000, "invalid_request"),
+        ('{"type": "ping", "x": ' + '{"a": ' * 3000 + "1" + "}" * 3000 + "}", "invalid_request"),
+        ('{"type": "message", "id": "1", "to": "u", "body": "\\ud800"}', "invalid_request"),
+        ('{"type": "typing", "conversation": "dm:a:\\uDFFF", "state": "start"}', "invalid_request"),
+        ('{"type": "ping", "\\udbff": 1}', "invalid_request"),
     ],
 )
 def test_bad_client_frames_get_contract_codes(frame: str, code: str) -> None:
     with pytest.raises(s.FrameError) as err:
         s.parse_client_frame(frame)
     assert err.value.code == code
+
+
+def test_a_lone_surrogate_is_refused_with_ref_unless_the_id_holds_it() -> None:
+    with pytest.raises(s.FrameError) as err:
+        s.parse_client_frame('{"type": "message", "id": "c1", "to": "u", "body": "a\\ud83d"}')
+    assert err.value.ref == "c1"
+    with pytest.raises(s.FrameError) as err:
+        s.parse_client_frame('{"type": "message", "id": "c\\ude00", "to": "u", "body": "a"}')
+    assert err.value.ref is None
+    # A surrogate pair is one valid character (U+1F600).
+    ok = s.parse_client_frame('{"type": "message", "id": "c1", "to": "u", "body": "\\ud83d\\ude00"}')
+    assert isinstance(ok, s.ClientMessage) and ok.body == "\U0001f600"
 
 
 def test_size_limits() -> None:

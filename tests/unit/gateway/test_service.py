@@ -191,9 +191,14 @@ def test_ping_gets_pong() -> None:
         ('{"type":"message","id":"c9","to":"bob"}', "invalid_request", "c9"),
         ('{"type":"message","id":"c8","to":"bob","body":"' + "x" * (16 * 1024 + 1) + '"}', "payload_too_large", "c8"),
         ('{"type":"ping","pad":"' + "x" * (64 * 1024) + '"}', "payload_too_large", None),
+        # Found by frame fuzzing: a binary frame is no JSON text frame, whatever it holds.
+        (b'{"type":"ping"}', "invalid_request", None),
+        (b"\xff\xfe", "invalid_request", None),
+        # The error's ref must not echo a lone surrogate (it cannot be written as UTF-8).
+        ('{"type":"message","id":"\\ud800","to":"bob","body":"x"}', "invalid_request", None),
     ],
 )
-def test_bad_frames_get_error_frames_and_socket_stays_open(raw: str, code: str, ref: str | None) -> None:
+def test_bad_frames_get_error_frames_and_socket_stays_open(raw: str | bytes, code: str, ref: str | None) -> None:
     gw, pub = make()
     conn, t = open_(gw)
     gw.on_frame(conn, raw)

@@ -28,6 +28,7 @@ class FakeStore:
         self.refresh: dict[str, Doc] = {}
         self.audit: list[Doc] = []
         self.device_reads = 0
+        self.login_failures: dict[str, Doc] = {}
 
     # users
     def _username_free(self, username: str, user_id: str) -> bool:
@@ -143,6 +144,31 @@ class FakeStore:
     # audit
     def insert_audit(self, doc: Doc) -> None:
         self.audit.append(dict(doc))
+
+    # failed logins
+    def get_login_counters(self, keys: Iterable[str]) -> list[Doc]:
+        return [copy.deepcopy(self.login_failures[k]) for k in keys if k in self.login_failures]
+
+    def add_login_failure(self, key: str, now: int, window_ms: int, expires_ms: int) -> Doc:
+        doc = self.login_failures.setdefault(
+            key, {"_id": key, "failures": 0, "window_start": now, "lockouts": 0, "locked_until": 0}
+        )
+        if doc["window_start"] < now - window_ms:
+            doc.update(failures=0, window_start=now)
+        doc["failures"] += 1
+        doc["expires_at"] = expires_ms
+        return copy.deepcopy(doc)
+
+    def set_login_locked(self, key: str, failures: int, until: int, expires_ms: int) -> bool:
+        doc = self.login_failures.get(key)
+        if doc is None or doc["failures"] != failures:
+            return False
+        doc.update(locked_until=until, failures=0, window_start=until, expires_at=expires_ms)
+        doc["lockouts"] += 1
+        return True
+
+    def delete_login_counter(self, key: str) -> None:
+        self.login_failures.pop(key, None)
 
 
 class _Done:

@@ -141,3 +141,21 @@ def test_logout_route(client: FlaskClient) -> None:
     me = signed_in(client)
     assert client.post("/v1/auth/logout", headers=me).status_code == 204
     error(client.post("/v1/auth/logout"), 401, "unauthorized")
+
+
+def test_a_locked_out_login_is_429_with_retry_after_per_forwarded_address() -> None:
+    svc = make_service(login_failures_per_account=100, login_failures_per_address=3, login_lockout_s=30)
+    client = svc.create_app().test_client()
+    client.post("/v1/auth/signup", json={"username": "alice", "password": PW})
+    far = {"X-Forwarded-For": "203.0.113.9"}
+    for i in range(3):
+        r = client.post("/v1/auth/login", json={"username": f"guess{i}", "password": "wrong password"}, headers=far)
+        error(r, 401, "unauthorized")
+    r = client.post("/v1/auth/login", json={"username": "alice", "password": PW}, headers=far)
+    body = error(r, 429, "rate_limited")
+    assert r.headers["Retry-After"] == "30" and body["details"] == {"retry_after_s": 30}
+    # Another address (as Nginx forwards it) is not affected.
+    r = client.post(
+        "/v1/auth/login", json={"username": "alice", "password": PW}, headers={"X-Forwarded-For": "1.2.3.4"}
+    )
+    assert r.status_code == 200
