@@ -193,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stack.stop()
         shutil.rmtree(var, ignore_errors=True)
+    # The whole of Schemathesis' output (each failure with its curl to reproduce it) is kept
+    # next to the project's other run data; the console gets its end.
+    full = ROOT / "var" / "fuzz" / f"schemathesis-{result.seed}.txt"
+    full.parent.mkdir(parents=True, exist_ok=True)
+    full.write_text(result.output)
     print(result.output[-6000:])
+    print(f"Schemathesis' whole output: {full.relative_to(ROOT)}")
     FIGURES.write_text(figures(result, args.max_examples))
     print(f"wrote {FIGURES.relative_to(ROOT)}: {result.cases} cases, {len(result.failures)} kinds of failure")
     return 0 if result.clean else 1
