@@ -98,11 +98,6 @@ def _positions(consumer: KafkaConsumer) -> list[tuple[TopicPartition, int, int |
     return out
 
 
-def _behind(consumer: KafkaConsumer) -> list[tuple[TopicPartition, int]]:
-    """Assigned partitions whose last fetched high watermark is past the consumer's position."""
-    return [(tp, high) for tp, pos, high in _positions(consumer) if high is not None and high > pos]
-
-
 class RetryBatch(Exception):
     """Raised by a handler that must see the same records again (its view of the world was
     stale and it has forgotten it); retried like a broker or database outage, never parked."""

@@ -132,10 +132,10 @@ def test_the_fetch_wait_never_narrows_below_its_floor() -> None:
     assert w.ms == 1
 
 
-def test_partitions_behind_their_high_watermark_are_found_from_the_consumers_state() -> None:
+def test_positions_and_high_watermarks_are_read_from_the_consumers_state() -> None:
     from types import SimpleNamespace
 
-    from chatlib.kafka import _behind
+    from chatlib.kafka import _positions
     from kafka import TopicPartition
     from kafka.structs import OffsetAndMetadata
 
@@ -149,9 +149,10 @@ def test_partitions_behind_their_high_watermark_are_found_from_the_consumers_sta
             assignment={a: state(10, 7), b: state(5, 5), c: state(None, 3), d: state(9, None)}
         )
     )
-    # Only a has records past its position; c was never fetched, d has no position yet.
-    assert _behind(consumer) == [(a, 10)]  # type: ignore[arg-type]
-    assert _behind(SimpleNamespace()) == []  # type: ignore[arg-type]
+    # a has records past its position, b is read up to its high watermark, c was never
+    # fetched (no high watermark yet); d has no position yet, so it is left out.
+    assert _positions(consumer) == [(a, 7, 10), (b, 5, 5), (c, 3, None)]  # type: ignore[arg-type]
+    assert _positions(SimpleNamespace()) == []  # type: ignore[arg-type]
 
 
 def test_an_announcement_outlives_the_empty_fetches_that_widen_the_wait_to_its_cap() -> None:
