@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -59,8 +60,42 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
     return preexec
 
 
+#: Free ports are chosen below this (and above LISTEN_PORTS_FROM) when the kernel's range allows.
+LISTEN_PORTS_FROM = 10_000
+
+
+def listen_ports_below() -> int:
+    """The end of the range :func:`free_port` chooses from: the kernel's first ephemeral port
+    (65536 when too few ports lie below it)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return low if low - LISTEN_PORTS_FROM >= 1000 else 65536
+
+
 def free_port() -> int:
-    """A free TCP port on loopback."""
+    """A free TCP port on loopback, outside the kernel's ephemeral range where it can.
+
+    A port the kernel handed out with ``bind(0)`` is an ephemeral one: between
+    choosing it and the server binding it (seconds, for a whole stack), any
+    outgoing connection on the machine (the stack's own Kafka and MongoDB
+    clients, hundreds of them) may take it as its local port, and the server
+    then fails with "address already in use". Ports below the ephemeral range
+    are only ever taken on purpose.
+    """
+    low = listen_ports_below()
+    rng = random.SystemRandom()
+    if low < 65536:
+        for _ in range(200):
+            port = rng.randrange(LISTEN_PORTS_FROM, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            if not port_open(port):
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from helper.infra import free_port, port_open
+from helper.infra import free_port, listen_ports_below, port_open
 from helper.stack import SERVICES
 
 #: The settings .env.tmpl documents as ports, besides the gateways' (GATEWAY_PORT + i).
@@ -57,7 +57,8 @@ def free_ports(gateways: int = 2) -> dict[str, str]:
     """Every documented port setting on a free port (GATEWAY_PORT with ``gateways`` free in a row)."""
     while True:
         gateway = free_port()
-        if gateway < 65000 and not any(port_open(gateway + i) for i in range(1, gateways)):
+        below = gateway + gateways <= listen_ports_below()  # see helper.infra.free_port
+        if below and not any(port_open(gateway + i) for i in range(1, gateways)):
             break
     taken = {gateway + i for i in range(gateways)}
     ports = {"GATEWAY_PORT": str(gateway)}
