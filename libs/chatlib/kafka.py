@@ -344,6 +344,12 @@ class ConsumerWorker:
         )
         self.assigned = threading.Event()
         self.healthy = True
+        #: True while this consumer owns partitions and has read each up to the high watermark
+        #: its last fetch reported, with nothing announced unread: a record produced before
+        #: the last poll has been handled. False while a group (re)joins, before the first
+        #: fetch of an assignment, and after an error. Read by handlers of *other* consumers
+        #: deciding whether a projection this one keeps is merely late (see persistence).
+        self.current = False
         #: Called in the consumer thread after every poll (used by CompactedView).
         self.after_poll: Callable[[KafkaConsumer], None] | None = None
         #: Called in the consumer thread, before any record of the new assignment is handled,
@@ -468,6 +474,7 @@ class ConsumerWorker:
                 metrics.KAFKA_POLLS.labels(self.name).inc()
                 assignment = set(consumer.assignment())
                 if assignment != self._assignment:
+                    self.current = False
                     self._assignment = assignment
                     if self.on_assignment is not None:
                         self.on_assignment()
@@ -500,6 +507,7 @@ class ConsumerWorker:
                             and (tp.topic not in self.key_prefixes or tp in records)
                         ):
                             pending.announce(tp.topic, tp.partition, high - 1, now)
+                self.current = self._is_current(consumer, assignment, pending)
                 if self.after_poll is not None:
                     self.after_poll(consumer)
                 if self._uncommitted and time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
@@ -507,12 +515,22 @@ class ConsumerWorker:
                 self.healthy = True
             except Exception as exc:  # noqa: BLE001 - keep the loop alive, with backoff
                 self.healthy = False
+                self.current = False
                 delay = _backoff(attempt)
                 attempt += 1
                 logger.warning("consumer %s: %s; retrying in %.1fs", self.name, exc.__class__.__name__, delay)
                 self._close_consumer(commit=False)
                 self._stop.wait(delay)
         self._close_consumer(commit=True)
+
+    @staticmethod
+    def _is_current(consumer: KafkaConsumer, assignment: set[TopicPartition], pending: wakeup.Pending) -> bool:
+        if not assignment or pending.outstanding(time.monotonic()):
+            return False
+        positions = _positions(consumer)
+        if len(positions) < len(assignment):
+            return False
+        return all(high is not None and position >= high for _, position, high in positions)
 
     def _close_consumer(self, commit: bool) -> None:
         if commit:

@@ -327,6 +327,15 @@ class Service:
     def on_start(self) -> None:
         """Hook run after consumers started (background loops)."""
 
+    def consumer_of(self, handler: Callable[..., None]) -> k.ConsumerWorker | None:
+        """The running consumer that calls ``handler`` (a bound ``@consume`` method), if any."""
+        target = getattr(handler, "__func__", handler)
+        for worker in self._workers:
+            fns = [worker.handler] if worker.handler is not None else list(worker.batch_handlers.values())
+            if any(getattr(fn, "__func__", fn) is target for fn in fns):
+                return worker
+        return None
+
     def stop(self) -> None:
         """Graceful stop: consumers finish and commit, then clients close."""
         logger.info("%s stopping", self.name)

@@ -296,7 +296,15 @@ class Inbound(Part):
         return refusal
 
     def _known_users(self, user_ids: set[str], deadline: float) -> dict[str, KnownUser]:
-        # A user who signed up a moment ago may not be in the projection yet: wait briefly for it.
+        """The known users among ``user_ids``, waiting for the projection where it may be late.
+
+        A user who signed up a moment ago may not be in the projection yet: wait
+        until ``deadline`` for it. Past that, wait on (up to
+        ``catchup_rejoin_wait_ms``) only while the users consumer is not current
+        (its group re-joining after a restart, or reading its backlog): its
+        profile event may be among what is not read yet. Once that consumer is
+        current, an id still missing is unknown, and refused at once.
+        """
         seen = self.users_catchup.version
         found = self._lookup_users(user_ids)
         missing = user_ids - set(found)
@@ -304,6 +312,15 @@ class Inbound(Part):
             seen = self.users_catchup.wait_change(seen, deadline)
             found.update(self._lookup_users(missing))
             missing -= set(found)
+        if missing:
+            users = self.svc.consumer_of(self.svc.on_user_events)
+            late = time.monotonic() + self.config.catchup_rejoin_wait_ms / 1000
+            while missing and users is not None and not users.current and time.monotonic() < late:
+                seen = self.users_catchup.wait_change(seen, min(late, time.monotonic() + 0.05))
+                found.update(self._lookup_users(missing))
+                missing -= set(found)
+            if missing and users is not None and users.current:
+                found.update(self._lookup_users(missing))  # what its last poll wrote
         return found
 
     def _lookup_users(self, user_ids: set[str]) -> dict[str, KnownUser]:

@@ -68,6 +68,10 @@ class PersistenceConfig(ServiceConfig):
     # How long a message to an unknown recipient or from a non-member waits for the
     # user/group projections to catch up before it is refused (ms).
     catchup_wait_ms: int = Field(500, ge=0, le=10000)
+    # Past catchup_wait_ms, a message to a user the projection does not know yet keeps waiting
+    # while the users consumer is not current (its group re-joining after a restart, say), up
+    # to this long (ms; keep it well under KAFKA_MAX_POLL_INTERVAL_MS).
+    catchup_rejoin_wait_ms: int = Field(5000, ge=0, le=10000)
     # Unread counts up to this many seqs exclude the user's own messages (one count query);
     # above it the count is the plain seq difference.
     unread_exact_max: int = Field(1000, ge=0)

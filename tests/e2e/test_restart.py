@@ -78,6 +78,39 @@ def test_message_router_killed_while_messages_flow(stack: Stack) -> None:
     send_through_restart(stack, "message-router")
 
 
+@pytest.mark.slow
+def test_a_user_who_signs_up_while_persistence_rejoins_can_be_written_to(stack: Stack) -> None:
+    """After a kill -9 the restarted persistence's consumer groups re-join only once the dead
+    member's session expires, the users consumer maybe after the inbound one: a message to a
+    user who signed up meanwhile waits for the users projection instead of being refused."""
+    alice = new_user(stack.base_url)
+    a1 = online(alice)
+    try:
+        restarted = threading.Thread(target=stack.restart, args=("persistence",), kwargs={"kill": True})
+        restarted.start()
+        sent = {}
+        for _ in range(16):  # signed up at every point of the restart and the re-join
+            bob = new_user(stack.base_url)
+            sent[a1.send_message(to=bob.user_id, body="welcome")] = bob
+            time.sleep(0.75)
+        restarted.join(timeout=180)
+        assert not restarted.is_alive(), "persistence did not come back"
+        for cid in sent:
+            deadline = time.monotonic() + 60
+            while True:
+                refused = [f for f in a1.backlog if f.get("type") == "error" and f.get("ref") == cid]
+                assert not refused, f"a message to a user who signed up during the re-join was refused: {refused}"
+                assert time.monotonic() < deadline, "no ack within 60 s"
+                try:
+                    assert a1.expect("ack", timeout=0.5, id=cid)["seq"] == 1
+                    break
+                except AssertionError as exc:
+                    if "no ack frame" not in str(exc):
+                        raise
+    finally:
+        a1.close()
+
+
 def test_a_mongodb_outage_delays_messages_but_loses_none(stack: Stack) -> None:
     """kill -9 of the database under a running system: REST answers 503 in the contract's
     shape, a message sent meanwhile is acked only once it is stored, and everything

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from chatlib.wakeup import Doorbell, FetchWait, Pending, Ring, Ringer
@@ -167,3 +168,35 @@ def test_an_announcement_outlives_the_empty_fetches_that_widen_the_wait_to_its_c
     p = Pending()
     p.announce("t", 0, 7, now=0.0)
     assert p.outstanding(spent + wait.cap_ms / 1000)
+
+
+def test_a_consumer_is_current_only_when_every_owned_partition_is_read_to_its_high_watermark() -> None:
+    from types import SimpleNamespace
+
+    from chatlib.kafka import ConsumerWorker
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    a, b = TopicPartition("t", 0), TopicPartition("t", 1)
+
+    def consumer(states: dict[TopicPartition, tuple[int | None, int | None]]) -> SimpleNamespace:
+        assignment = {
+            tp: SimpleNamespace(
+                highwater=high,
+                has_valid_position=pos is not None,
+                position=None if pos is None else OffsetAndMetadata(pos, "", -1),
+            )
+            for tp, (high, pos) in states.items()
+        }
+        return SimpleNamespace(_subscription=SimpleNamespace(assignment=assignment))
+
+    current = ConsumerWorker._is_current
+    quiet = Pending()
+    assert current(consumer({a: (5, 5), b: (0, 0)}), {a, b}, quiet)  # type: ignore[arg-type]
+    assert not current(consumer({a: (5, 4), b: (0, 0)}), {a, b}, quiet)  # type: ignore[arg-type]
+    assert not current(consumer({a: (None, 0), b: (0, 0)}), {a, b}, quiet)  # never fetched  # type: ignore[arg-type]
+    assert not current(consumer({a: (5, 5), b: (3, None)}), {a, b}, quiet)  # no position yet  # type: ignore[arg-type]
+    assert not current(consumer({}), set(), quiet)  # a group still joining  # type: ignore[arg-type]
+    rung = Pending()
+    rung.announce("t", 0, 5, now=time.monotonic())  # a producer rang for offset 5: not read yet
+    assert not current(consumer({a: (5, 5), b: (0, 0)}), {a, b}, rung)  # type: ignore[arg-type]

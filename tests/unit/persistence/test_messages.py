@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -73,6 +74,43 @@ def test_recipient_registered_a_moment_ago_is_waited_for() -> None:
     late.join()
     assert [m.to for m in stored(svc)] == ["newbie"]
     assert time.monotonic() - started < 2.5  # woken by the projection, not by the deadline
+
+
+def test_recipient_waits_past_the_deadline_while_the_users_consumer_rejoins() -> None:
+    # After a restart the users consumer's group re-joins (the dead member holds it until
+    # its session expires): a user who signed up just before is not in the projection yet.
+    svc = make_service(catchup_wait_ms=100)
+    users = SimpleNamespace(current=False)
+    svc.consumer_of = lambda handler: users if handler == svc.on_user_events else None  # type: ignore[method-assign]
+
+    def rejoined() -> None:
+        svc.on_user_events([UserRegistered(user_id="newbie", username="n", name="N")])
+        users.current = True
+
+    late = threading.Timer(0.6, rejoined)  # well past catchup_wait_ms
+    late.start()
+    svc.on_inbound([dm(to="newbie")])
+    late.join()
+    assert [m.to for m in stored(svc)] == ["newbie"]
+    assert frames_to(svc, "alice", kind="error") == []
+
+
+def test_unknown_recipient_is_refused_without_the_long_wait_once_the_users_consumer_is_current() -> None:
+    svc = make_service(catchup_wait_ms=100, catchup_rejoin_wait_ms=5000)
+    svc.consumer_of = lambda handler: SimpleNamespace(current=True)  # type: ignore[method-assign]
+    started = time.monotonic()
+    svc.on_inbound([dm(to="nobody")])
+    assert time.monotonic() - started < 1.0
+    assert frames_to(svc, "alice", kind="error")[0]["code"] == "not_found"
+
+
+def test_unknown_recipient_is_refused_when_the_users_consumer_stays_behind() -> None:
+    svc = make_service(catchup_wait_ms=50, catchup_rejoin_wait_ms=300)
+    svc.consumer_of = lambda handler: SimpleNamespace(current=False)  # type: ignore[method-assign]
+    started = time.monotonic()
+    svc.on_inbound([dm(to="nobody")])
+    assert 0.3 <= time.monotonic() - started < 2.0
+    assert frames_to(svc, "alice", kind="error")[0]["code"] == "not_found"
 
 
 def test_group_member_may_post_and_stranger_may_not(svc: Persistence) -> None:
