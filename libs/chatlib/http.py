@@ -151,15 +151,21 @@ def json_body(optional: bool = False) -> dict[str, Any]:
     return data
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,30}")
+
+
 def int_arg(name: str, default: int | None, lo: int, hi: int) -> int | None:
-    """An integer query parameter within [lo, hi], or a 400 (an empty value is not an integer)."""
+    """An integer query parameter within [lo, hi], or a 400.
+
+    Only ASCII digits with an optional minus sign: Python's ``int`` would also take
+    " 5", "+5", "1_0" and other scripts' digits, which no client means as a number.
+    """
     raw = request.args.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise invalid(f"{name} must be an integer", field=name) from None
+    if not _INTEGER.fullmatch(raw):
+        raise invalid(f"{name} must be an integer", field=name)
+    value = int(raw)
     if not lo <= value <= hi:
         raise invalid(f"{name} must be between {lo} and {hi}", field=name)
     return value

@@ -34,12 +34,15 @@ ChangeKind = Literal["created", "updated", "member_added", "member_removed", "ro
 
 
 def validate_name(value: Any) -> str:
-    """A group name: a string of 1 to 100 characters once surrounding spaces are trimmed."""
+    """A group name: at most 100 characters with at least one that is not whitespace; kept trimmed.
+
+    The length counts the name as sent, as the reference's ``maxLength`` does.
+    """
     if not isinstance(value, str):
         raise invalid("name must be a string", field="name")
     name = value.strip()
-    if not 1 <= len(name) <= NAME_MAX:
-        raise invalid(f"name must be 1 to {NAME_MAX} characters", field="name")
+    if not name or len(value) > NAME_MAX:
+        raise invalid(f"name must be 1 to {NAME_MAX} characters, not all whitespace", field="name")
     return name
 
 

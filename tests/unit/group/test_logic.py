@@ -202,7 +202,7 @@ def test_departing_member_is_removed_and_stranger_changes_nothing() -> None:
 # -- validation ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "x" * 101, None, 5])
+@pytest.mark.parametrize("bad", ["", "   ", "\t", "\u2003\n", "x" * 101, " " + "x" * 100, None, 5])
 def test_bad_names(bad: Any) -> None:
     with pytest.raises(ApiError) as err:
         logic.validate_name(bad)
