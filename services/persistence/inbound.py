@@ -137,10 +137,19 @@ class Inbound(Part):
         self.users_catchup = Catchup()
 
     def forget_owned(self) -> None:
-        """The consumer's partitions changed: what this process knew of them may be stale."""
+        """The consumer's partitions changed: what this process knew of them may be stale.
+
+        Offsets journaled here are folded, and those a dead process left in the
+        journal too, so the new owners of the partitions read them.
+        """
         self._lasts.clear()
         self._verified.clear()
         self.offsets.clear()
+        try:
+            self.store.fold_offsets()
+            self.store.recover_offsets()
+        except Exception as exc:  # noqa: BLE001 - a stale offset costs a redelivery, not a loss
+            logger.warning("folding offsets at reassignment failed: %s", exc.__class__.__name__)
 
     def user_changed(self, user_id: str) -> None:
         """The users projection changed for this user: look it up again next time."""
@@ -399,6 +408,8 @@ class Inbound(Part):
         dev_changed = {k: v for k, v in dev_now.items() if v != dev_before[k]}
         user_changed = {k: st.now for k, st in states.items() if st.now != st.before}
         self.store.set_offsets(dev_changed, user_changed)
+        if self.config.offsets_fold_ms == 0:
+            self.store.fold_offsets()
         self.offsets.put(dev_changed, user_changed)
         for ev in logic.receipt_events(states):
             self.publisher.send(topics.MESSAGES_STORED, ev, key=ev.conversation)

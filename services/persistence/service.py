@@ -24,6 +24,7 @@ sync, mutes) is :mod:`.reads`, called from http.py.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from chatlib import topics
@@ -72,6 +73,11 @@ class PersistenceConfig(ServiceConfig):
     # while the users consumer is not current (its group re-joining after a restart, say), up
     # to this long (ms; keep it well under KAFKA_MAX_POLL_INTERVAL_MS).
     catchup_rejoin_wait_ms: int = Field(5000, ge=0, le=10000)
+    # Receipts are journaled at once (one insert per poll) and folded into the offsets
+    # collection this often (ms; 0 = after every poll): one upsert per user and conversation
+    # per interval, however many receipts raised it. Other persistence instances see an
+    # offset up to this late (this one at once).
+    offsets_fold_ms: int = Field(5000, ge=0, le=60000)
     # Unread counts up to this many seqs exclude the user's own messages (one count query);
     # above it the count is the plain seq difference.
     unread_exact_max: int = Field(1000, ge=0)
@@ -101,6 +107,7 @@ class Persistence(Service):
         self.groups_of: dict[str, set[str]] = {}
         self.members_of: dict[str, set[str]] = {}
         self.groups_catchup = Catchup()
+        self._folding = threading.Event()
         self.inbound = Inbound(self)
         self.replay = Replay(self)
         self.reads = Reads(self)
@@ -116,9 +123,25 @@ class Persistence(Service):
 
     def on_start(self) -> None:
         self.replay.start()
+        self._folding.clear()
+        if self.config.offsets_fold_ms > 0:
+            threading.Thread(target=self._fold_loop, name="offsets-fold", daemon=True).start()
 
     def on_stop(self) -> None:
         self.replay.stop()
+        self._folding.set()
+        self.fold_offsets()  # best effort: what is left is in the journal, folded at the next start
+
+    def _fold_loop(self) -> None:
+        while not self._folding.wait(self.config.offsets_fold_ms / 1000):
+            self.fold_offsets(pace=True)
+
+    def fold_offsets(self, pace: bool = False) -> None:
+        """Journaled receipts into the offsets collection (see PersistenceStore.fold_offsets)."""
+        try:
+            self.store.fold_offsets(pace=pace)
+        except Exception as exc:  # noqa: BLE001 - kept for the next fold; the journal holds them
+            logger.warning("folding offsets failed (%s); retrying at the next fold", exc.__class__.__name__)
 
     # -- live view hook ---------------------------------------------------------
 

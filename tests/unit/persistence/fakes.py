@@ -152,6 +152,12 @@ class FakeStore:
                 cur = table.get(k, Offsets())  # type: ignore[call-overload]
                 table[k] = Offsets(max(cur.delivered, o.delivered), max(cur.read, o.read))  # type: ignore[index]
 
+    def fold_offsets(self, pace: bool = False) -> int:
+        return 0  # set_offsets writes through
+
+    def recover_offsets(self) -> int:
+        return 0
+
     def delete_device_offsets(self, user_id: str, device_id: str | None = None) -> int:
         gone = [k for k in self.device_offsets if k[0] == user_id and device_id in (None, k[1])]
         for k in gone:
