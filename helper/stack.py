@@ -211,6 +211,10 @@ class Stack:
             # The embedded broker holds every fetch its full wait: producers ring consumers
             # instead (chatlib.wakeup). Apache Kafka needs none of it.
             env["KAFKA_WAKEUP_DIR"] = str(self.wakeup_dir)
+        if self.embedded_kafka:
+            # Each start of the embedded broker is a new cluster; a consumer group of the old one
+            # that re-joined the new one can wedge it there (chatlib.kafka.group_name).
+            env.setdefault("KAFKA_GROUP_PER_CLUSTER", "true")
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "libs"), str(ROOT)])
         env["PYTHONUNBUFFERED"] = "1"
         s = spec(name)

@@ -462,7 +462,8 @@ def short_faults(stack: Stack) -> list[Fault]:
     gateways = [f"gateway-{i}" for i in range(1, stack.gateways + 1)]
     kills = [Fault("kill", k) for k in gateways + SERVICE_KEYS]
     stalls = [Fault("stall", k, 3.0) for k in ("persistence", "gateway-1", "kafka")]
-    return kills + stalls
+    # Last: the embedded broker lost (kill -9; it comes back empty) while every service runs.
+    return kills + stalls + [Fault("kill", "kafka")]
 
 
 def long_faults(stack: Stack) -> list[Fault]:

@@ -52,6 +52,13 @@ class SharedConfig(BaseSettings):
     kafka_max_poll_interval_ms: int = shared(10000, "KAFKA_MAX_POLL_INTERVAL_MS")
     # Against Apache Kafka keep idempotence on; the embedded broker needs it off.
     kafka_enable_idempotence: bool = shared(False, "KAFKA_ENABLE_IDEMPOTENCE")
+    # How often a service asks the broker for its cluster id (ms; 0 = never): a new id means
+    # the broker came back empty (the embedded one keeps everything in memory), and the
+    # service re-reads it from the beginning and publishes again what it owns (BrokerWatch).
+    kafka_broker_watch_ms: int = shared(1000, "KAFKA_BROKER_WATCH_MS")
+    # Consumer groups named after the cluster (`<group>.<cluster id>`): set by `make run` for the
+    # embedded broker, whose every start is a new cluster (chatlib.kafka.group_name).
+    kafka_group_per_cluster: bool = shared(False, "KAFKA_GROUP_PER_CLUSTER")
     # How long a service waits for Kafka/MongoDB at start before giving up.
     startup_timeout_s: float = shared(10.0, "STARTUP_TIMEOUT_S")
     # Device policy of the contract: secondary devices need the primary online.

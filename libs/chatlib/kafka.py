@@ -188,6 +188,124 @@ def ensure_topics(
         admin.close()
 
 
+def cluster_id(admin: KafkaAdminClient) -> str | None:
+    """The cluster id the broker reports (a Metadata request)."""
+    found = admin.describe_cluster().get("cluster_id")
+    return str(found) if found else None
+
+
+#: Bootstrap servers -> the cluster this process last saw there (set by BrokerWatch and group_name).
+_clusters: dict[str, str] = {}
+
+
+def group_name(config: SharedConfig, group: str) -> str:
+    """The consumer group ``group`` is on the broker.
+
+    With ``KAFKA_GROUP_PER_CLUSTER`` (the embedded broker), ``<group>.<cluster id>``:
+    after the broker came back empty, a member of the old cluster that re-joined its
+    group on the new one before it knew (kafka-python re-joins by itself) and left it
+    again mid-join was seen to leave the embedded broker's group stuck in a rebalance
+    for good; a group of the new cluster's own name never met that member. Every
+    instance of a service sees the same cluster, so they share the group.
+    """
+    if not config.kafka_group_per_cluster:
+        return group
+    bootstrap = config.kafka_bootstrap_servers
+    if bootstrap not in _clusters:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="cluster-id", request_timeout_ms=10000)
+        try:
+            found = cluster_id(admin)
+        finally:
+            admin.close()
+        if found:
+            _clusters[bootstrap] = found
+    found = _clusters.get(bootstrap)
+    return f"{group}.{found}" if found else group
+
+
+class BrokerWatch:
+    """Tells a running service when the broker it talks to has become a new cluster.
+
+    The embedded broker keeps everything in memory and gets a cluster id of its
+    own at every start (helper.infra.kafka_proc): after a crash and restart it
+    is empty, its topics, consumer groups and committed offsets gone, while
+    clients only see connections drop and come back. Every ``interval_s`` this
+    asks for the cluster id; when it differs from the one seen before,
+    ``on_new_cluster`` runs (in this thread), again at every interval until it
+    succeeds. An unreachable broker is only waited for: that is not a loss.
+    With Apache Kafka the id never changes and this costs one small request
+    per interval.
+    """
+
+    def __init__(self, config: SharedConfig, name: str, on_new_cluster: Callable[[], None], interval_s: float):
+        self.config = config
+        self.name = name
+        self.on_new_cluster = on_new_cluster
+        self.interval_s = interval_s
+        self.known: str | None = None
+        self._admin: KafkaAdminClient | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        # The cluster this service's consumer groups were named after, else the one there is now.
+        bootstrap = self.config.kafka_bootstrap_servers
+        self.known = _clusters.get(bootstrap) or self._ask()
+        if self.known is not None:
+            _clusters.setdefault(bootstrap, self.known)
+        self._thread = threading.Thread(target=self._run, name=f"broker-watch-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._close()
+
+    def _ask(self) -> str | None:
+        try:
+            if self._admin is None:
+                self._admin = KafkaAdminClient(
+                    bootstrap_servers=self.config.kafka_bootstrap_servers,
+                    client_id=f"{self.name}-watch",
+                    request_timeout_ms=5000,
+                )
+            return cluster_id(self._admin)
+        except Exception as exc:  # noqa: BLE001 - unreachable for now: ask again later
+            logger.debug("broker watch: %s", exc.__class__.__name__)
+            self._close()
+            return None
+
+    def _close(self) -> None:
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            try:
+                admin.close()
+            except Exception:
+                logger.debug("closing the watch's admin client failed", exc_info=True)
+
+    def _run(self) -> None:
+        owed = False
+        while not self._stop.wait(self.interval_s):
+            now = self._ask()
+            if now is None:
+                continue
+            if self.known is None:
+                self.known = now
+            elif now != self.known:
+                logger.warning("the Kafka broker is a new cluster (it lost its topics and offsets): recovering")
+                metrics.BROKER_LOSSES.inc()
+                self.known, owed = now, True
+                _clusters[self.config.kafka_bootstrap_servers] = now
+            if owed:
+                try:
+                    self.on_new_cluster()
+                    owed = False
+                    logger.warning("recovered from the broker loss")
+                except Exception as exc:  # noqa: BLE001 - tried again at the next interval
+                    logger.warning("recovering from the broker loss failed (%s); retrying", exc.__class__.__name__)
+
+
 # ---------------------------------------------------------------------------
 # Producer
 # ---------------------------------------------------------------------------
@@ -359,6 +477,10 @@ class ConsumerWorker:
         #: handled offsets not committed yet (see _commit)
         self._uncommitted: dict[TopicPartition, int] = {}
         self._committed_at = 0.0
+        #: set by :meth:`restart_from_beginning`; read by the consumer thread
+        self._restart = threading.Event()
+        #: after a broker loss: partitions without a committed offset start at the beginning
+        self._earliest = from_beginning
 
     # -- lifecycle --------------------------------------------------------
 
@@ -376,16 +498,28 @@ class ConsumerWorker:
         if self._doorbell is not None:
             self._doorbell.close()
 
+    def restart_from_beginning(self) -> None:
+        """The broker is a new, empty cluster (see :class:`BrokerWatch`): every record it holds
+        was written after the loss, so read each partition from its beginning from now on.
+
+        The consumer thread closes its consumer (its positions and group belong to the
+        old cluster) and makes a new one; handlers see the new records at least once.
+        """
+        self._earliest = True
+        self._restart.set()
+        if self._doorbell is not None:
+            self._doorbell.wake()
+
     # -- internals --------------------------------------------------------
 
     def _make_consumer(self) -> KafkaConsumer:
         cfg = self.config
         consumer = KafkaConsumer(
             bootstrap_servers=cfg.kafka_bootstrap_servers,
-            group_id=self.group_id,
+            group_id=None if self.group_id is None else group_name(cfg, self.group_id),
             client_id=f"{self.name}",
             enable_auto_commit=False,
-            auto_offset_reset="earliest" if self.from_beginning else "latest",
+            auto_offset_reset="earliest" if self._earliest else "latest",
             fetch_max_wait_ms=cfg.fetch_max_wait_ms(),
             session_timeout_ms=cfg.kafka_session_timeout_ms,
             heartbeat_interval_ms=cfg.kafka_heartbeat_interval_ms,
@@ -409,10 +543,13 @@ class ConsumerWorker:
                     pids = consumer.partitions_for_topic(topic)
                 parts += [TopicPartition(topic, p) for p in sorted(pids or [])]
             consumer.assign(parts)
-            if self.from_beginning:
+            if self._earliest:
                 consumer.seek_to_beginning(*parts)
             else:
                 consumer.seek_to_end(*parts)
+            # A private reader keeps no offsets: only the first reader on a new cluster starts
+            # at its beginning; one made again after an error starts where it is told.
+            self._earliest = self.from_beginning
             self.assigned.set()
         else:
             consumer.subscribe(self.topics)
@@ -428,6 +565,13 @@ class ConsumerWorker:
         last_poll, busy = 0.0, False
         while not self._stop.is_set():
             try:
+                if self._restart.is_set():
+                    self._restart.clear()
+                    logger.warning("consumer %s: the broker is a new cluster; reading it from the beginning", self.name)
+                    self._close_consumer(commit=False)
+                    self._assignment = set()
+                    self.current = False
+                    pending = wakeup.Pending()  # the new log's offsets start again at 0
                 if self._consumer is None:
                     self._consumer = self._make_consumer()
                     attempt = 0
@@ -442,6 +586,8 @@ class ConsumerWorker:
                     rings = doorbell.wait(idle_s)
                     if self._stop.is_set():
                         break
+                    if self._restart.is_set():
+                        continue
                     if self._uncommitted and time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
                         self._flush_commits()
                     metrics.KAFKA_WAKEUPS.labels(self.name, "ring" if rings else "idle").inc()
@@ -720,6 +866,10 @@ class CompactedView:
             self._end_offsets = consumer.end_offsets(parts)
         if all(consumer.position(tp) >= end for tp, end in self._end_offsets.items()):
             self.ready.set()
+
+    def restart_from_beginning(self) -> None:
+        """The broker is a new cluster: read the topic again from its beginning (what is known stays)."""
+        self._worker.restart_from_beginning()
 
     def stop(self) -> None:
         self._worker.stop()

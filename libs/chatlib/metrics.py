@@ -37,3 +37,6 @@ KAFKA_FETCH_WAIT_MS = Gauge(
 )
 WS_CONNECTIONS = Gauge("ws_connections", "Open WebSocket connections")
 WS_FRAMES = Counter("ws_frames_total", "WebSocket frames", ["direction", "type"])
+BROKER_LOSSES = Counter(
+    "kafka_broker_losses_total", "Times the broker was found to be a new, empty cluster (chatlib.kafka.BrokerWatch)"
+)

@@ -94,16 +94,18 @@ class TopicOwner:
         unfinished = self.marks.find_one({"_id": name}) is not None
         if not unfinished and not topic_is_empty(self.config, self.topic):
             return 0
+        return self.republish(republish, "had an unfinished republish" if unfinished else "was empty")
+
+    def republish(self, republish: Callable[[], int], why: str = "is on a new cluster") -> int:
+        """Run ``republish`` whatever the topic holds (the broker came back empty while the
+        service ran: records published since may already be there); returns its count."""
+        name = self.topic.name
         self.marks.replace_one({"_id": name}, {"service": self.service, "since": now_ms()}, upsert=True)
         count = republish()
         self.marks.delete_one({"_id": name})
-        if count or unfinished:
-            logger.warning(
-                "%s %s: republished %d records from MongoDB",
-                name,
-                "had an unfinished republish" if unfinished else "was empty",
-                count,
-            )
+        logger.log(
+            logging.WARNING if count else logging.INFO, "%s %s: republished %d records from MongoDB", name, why, count
+        )
         return count
 
 

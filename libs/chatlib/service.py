@@ -29,7 +29,7 @@ from .config import SharedConfig
 from .http import create_app
 from .mongo import apply_indexes, connect
 from .schemas import Event
-from .topics import Topic
+from .topics import ALL_TOPICS, Topic
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class Dependency(Generic[T]):
 
     def healthy(self) -> bool:
         return True
+
+    def broker_lost(self) -> None:
+        """The broker came back as a new, empty cluster (see Service.broker_lost)."""
 
 
 class _MongoHolder:
@@ -131,6 +134,9 @@ class View(Dependency[k.CompactedView]):
 
     def stop(self) -> None:
         self.view.stop()
+
+    def broker_lost(self) -> None:
+        self.view.restart_from_beginning()
 
     def healthy(self) -> bool:
         return self.view.ready.is_set()
@@ -233,6 +239,7 @@ class Service:
         self._workers: list[k.ConsumerWorker] = []
         self._overrides = overrides
         self._dead_letters: k.Publisher | None = None
+        self._watch: k.BrokerWatch | None = None
         for attr in dir(type(self)):
             dep = getattr(type(self), attr, None)
             if isinstance(dep, Dependency):
@@ -280,7 +287,31 @@ class Service:
             worker.start()
             self._workers.append(worker)
         self.on_start()
+        if self.config.kafka_broker_watch_ms > 0:
+            self._watch = k.BrokerWatch(
+                self.config, self.name, self.broker_lost, self.config.kafka_broker_watch_ms / 1000
+            )
+            self._watch.start()
         logger.info("%s started", self.name)
+
+    def broker_lost(self) -> None:
+        """The broker came back as a new, empty cluster (kafka.BrokerWatch): its topics are created
+        again, every consumer and view reads it from the beginning (everything on it was written
+        after the loss), and :meth:`on_broker_lost` publishes again what this service owns."""
+        k.ensure_topics(self.config.kafka_bootstrap_servers, self.topics_owned_on_broker())
+        for worker in self._workers:
+            worker.restart_from_beginning()
+        for dep in self._deps.values():
+            dep.broker_lost()
+        self.on_broker_lost()
+
+    def topics_owned_on_broker(self) -> list[Topic]:
+        """The topics this service creates again on a new cluster (every shared one; a gateway
+        adds its own delivery topic)."""
+        return list(ALL_TOPICS)
+
+    def on_broker_lost(self) -> None:
+        """Hook: publish again what this service owns and others read from the broker."""
 
     def _consumers(self) -> list[ConsumerPlan]:
         """One consumer per private handler, and one per consumer group.
@@ -339,6 +370,8 @@ class Service:
     def stop(self) -> None:
         """Graceful stop: consumers finish and commit, then clients close."""
         logger.info("%s stopping", self.name)
+        if self._watch is not None:
+            self._watch.stop()
         self.on_stop()
         for worker in self._workers:
             worker.stop()

@@ -198,6 +198,20 @@ class Gateway(Service):
         threading.Thread(target=self._ticker, name="gateway-ticker", daemon=True).start()
         self._hook_sigterm()
 
+    def topics_owned_on_broker(self) -> list[Topic]:
+        return [*super().topics_owned_on_broker(), self.topic]
+
+    def on_broker_lost(self) -> None:
+        """The broker came back empty: every socket here is announced again (DeviceConnected), so
+        session knows it is online and persistence replays what the loss kept from it (deliveries
+        on their way when the broker went are gone with it; the sequencer drops what it already
+        wrote)."""
+        conns = self.hub.all()
+        for conn in conns:
+            self._announce(conn)
+        self.session_events.flush()
+        logger.warning("announced %d sockets again after the broker loss", len(conns))
+
     def _hook_sigterm(self) -> None:
         # gunicorn waits for open requests (our sockets) before it runs the stop hooks;
         # close the sockets as soon as SIGTERM arrives so it does not wait in vain.

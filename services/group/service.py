@@ -90,6 +90,11 @@ class GroupService(Service):
         self.republish_pending()
         self.seed_default_channel()
 
+    def on_broker_lost(self) -> None:
+        """The broker came back empty while serving: put every record of the topic back."""
+        self.owned.republish(self.republish_all)
+        self.republish_pending()
+
     def routes(self, app: Flask) -> None:
         from .http import blueprint
 

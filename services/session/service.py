@@ -77,6 +77,10 @@ class Session(Service):
     def on_stop(self) -> None:
         self._stopping.set()
 
+    def on_broker_lost(self) -> None:
+        """The broker came back empty while serving: put every record of the topic back."""
+        self.owned.republish(self.republish_all)
+
     def routes(self, app: Flask) -> None:
         app.register_blueprint(http.blueprint(self))
 

@@ -1,6 +1,7 @@
 """The short fault campaign (issue 13): kill -9 of every process of the message path in turn,
-and stalls of persistence, a gateway and the broker, under open-loop traffic from careful
-clients; the history checker must find nothing lost, duplicated under two seqs, out of
+stalls of persistence, a gateway and the broker, and the loss of the embedded broker (kill -9:
+it comes back empty, and the services rebuild it while they run), under open-loop traffic
+from careful clients; the history checker must find nothing lost, duplicated under two seqs, out of
 order, mismatched with the stored history, or left unacknowledged.
 
 The long campaign (every fault, the database and the broker included, at 100 msgs/s) is
