@@ -273,14 +273,14 @@ def topic_events(
         consumer.close()
 
 
-def eventually(check: Callable[[], bool], timeout: float = 15, what: str = "condition") -> None:
-    """Wait until ``check()`` is true; fail with ``what`` after ``timeout`` seconds."""
+def eventually(check: Callable[[], bool], timeout: float = 15, what: str | Callable[[], str] = "condition") -> None:
+    """Wait until ``check()`` is true; fail with ``what`` (or what it returns then) after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
+    raise AssertionError(f"{what() if callable(what) else what} not reached within {timeout}s")
 
 
 def online(u: User, timeout: float = 15) -> WsClient:

@@ -513,8 +513,7 @@ class PersistenceStore:
                 if not ids:
                     return 0
                 n = self._upsert_offsets(devices, users, pace=pace)
-                for part in chunked(ids):
-                    self.offset_journal.delete_many({"_id": {"$in": part}})
+                self._drop_journal(ids)
             except BaseException:
                 self._unfolded.give_back(devices, users, ids)
                 raise
@@ -546,10 +545,14 @@ class PersistenceStore:
         if not ids:
             return 0
         self._upsert_offsets(devices, users)
-        for part in chunked(ids):
-            self.offset_journal.delete_many({"_id": {"$in": part}})
+        self._drop_journal(ids)
         logger.info("folded %d offset journal documents left unfolded", len(ids))
         return len(ids)
+
+    def _drop_journal(self, ids: list[Any]) -> None:
+        """Delete journal documents that are folded."""
+        for part in chunked(ids):
+            self.offset_journal.delete_many({"_id": {"$in": part}})
 
     def _upsert_offsets(
         self, devices: dict[tuple[str, str, str], Offsets], users: dict[tuple[str, str], Offsets], pace: bool = False

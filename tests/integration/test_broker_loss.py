@@ -21,6 +21,7 @@ from chatlib.schemas import Event, UserRegistered
 from chatlib.topics import Topic
 
 from helper.infra import Proc, free_port, kafka_proc, port_open, wait_until
+from tests.support import eventually
 
 TOPIC = Topic("loss.test.v1", partitions=2)
 
@@ -64,15 +65,6 @@ def event(i: int) -> UserRegistered:
     return UserRegistered(user_id=f"u{i}", username=f"name{i}", name=f"N{i}")
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 40, state: Callable[[], object] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met in time {state()}")
-
-
 def test_consumers_read_a_broker_that_came_back_empty_from_its_beginning(broker: Broker) -> None:
     # As `make run` has it for the embedded broker: consumer groups named after the cluster.
     config = SharedConfig(kafka_bootstrap_servers=broker.bootstrap, kafka_group_per_cluster=True)
@@ -104,22 +96,28 @@ def test_consumers_read_a_broker_that_came_back_empty_from_its_beginning(broker:
     group.start()
     private.start()
     try:
-        wait_for(lambda: group.assigned.is_set() and private.current)
+        eventually(lambda: group.assigned.is_set() and private.current, 40, "both consumers reading")
         watch.start()
         for i in range(20):
             publisher.send(TOPIC, event(i), key=f"u{i}")
         publisher.flush()
-        wait_for(lambda: len(seen["group"]) == 20 and len(seen["private"]) == 20)
+        eventually(
+            lambda: len(seen["group"]) == 20 and len(seen["private"]) == 20, 40, lambda: f"all 20 records read: {seen}"
+        )
 
         broker.crash()
         broker.start()  # empty, with a cluster id of its own
-        wait_for(lambda: bool(losses))
+        eventually(lambda: bool(losses), 40, "the loss noticed")
         # Written after the loss: offsets start at 0 again, far below where the consumers were.
         for i in range(100, 110):
             publisher.send(TOPIC, event(i), key=f"u{i}")
         publisher.flush()
         after = {f"u{i}" for i in range(100, 110)}
-        wait_for(lambda: after <= set(seen["group"]) and after <= set(seen["private"]), state=lambda: seen)
+        eventually(
+            lambda: after <= set(seen["group"]) and after <= set(seen["private"]),
+            40,
+            lambda: f"the records written after the loss read: {seen}",
+        )
     finally:
         watch.stop()
         group.stop()
