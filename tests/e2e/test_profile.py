@@ -6,6 +6,7 @@ import base64
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jwt
@@ -230,6 +231,25 @@ def test_refresh_token_reuse_logs_the_device_out(api: Api, user: User) -> None:
     again = login(api, user.username, device_id=user.device_id)
     assert again.status_code == 200
     assert Api(api.base_url, again.json()["access_token"]).get("/v1/me").status_code == 200
+
+
+def test_concurrent_uses_of_one_refresh_token_rotate_at_most_once(api: Api, user: User) -> None:
+    """The store's conditional update decides the race: never two live families from one token."""
+
+    def use(_: int) -> requests.Response:
+        return requests.post(f"{api.base_url}/v1/auth/refresh", json={"refresh_token": user.refresh_token}, timeout=10)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(use, range(8)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200] + [401] * 7, codes
+    for r in answers:
+        if r.status_code == 401:
+            error_of(r, 401, "unauthorized")
+    # The other uses were reuse: the device is logged out, so what the winner got no longer works.
+    won = next(r.json() for r in answers if r.status_code == 200)
+    error_of(Api(api.base_url, won["access_token"]).get("/v1/me"), 401, "unauthorized")
+    error_of(api.post("/v1/auth/refresh", json={"refresh_token": won["refresh_token"]}), 401, "unauthorized")
 
 
 def test_refresh_errors(api: Api) -> None:
