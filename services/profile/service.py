@@ -431,18 +431,24 @@ class ProfileService(Service):
         return {**device, **fields}
 
     def _issue(self, user_id: str, device_id: str, sid: str, now: int) -> dict[str, Any]:
+        refresh, record = self._new_refresh(user_id, device_id, sid, now)
+        self.store.insert_refresh(record)
+        return self._tokens(user_id, device_id, sid, refresh, now)
+
+    def _new_refresh(self, user_id: str, device_id: str, sid: str, now: int) -> tuple[str, dict[str, Any]]:
+        """A new refresh token and the record stored for it (its hash, never the token)."""
         refresh = logic.new_refresh_token()
-        self.store.insert_refresh(
-            {
-                "_id": logic.hash_refresh_token(refresh),
-                "user_id": user_id,
-                "device_id": device_id,
-                "sid": sid,
-                "created_ts": now,
-                "expires_ts": now + self.config.refresh_ttl_days * 86_400_000,
-                "used_ts": None,
-            }
-        )
+        return refresh, {
+            "_id": logic.hash_refresh_token(refresh),
+            "user_id": user_id,
+            "device_id": device_id,
+            "sid": sid,
+            "created_ts": now,
+            "expires_ts": now + self.config.refresh_ttl_days * 86_400_000,
+            "used_ts": None,
+        }
+
+    def _tokens(self, user_id: str, device_id: str, sid: str, refresh: str, now: int) -> dict[str, Any]:
         return {
             "access_token": self.tokens.issue(user_id, device_id, sid, now / 1000),
             "refresh_token": refresh,
@@ -462,19 +468,20 @@ class ProfileService(Service):
         record = self.store.get_refresh(token_hash)
         device = self.store.get_device(record["device_id"]) if record else None
         outcome = logic.refresh_outcome(record, device, now)
-        if outcome is RefreshOutcome.ROTATE and not self.store.set_refresh_used(token_hash, now):
-            outcome = RefreshOutcome.REUSE  # a concurrent use got there first
         if outcome is RefreshOutcome.REJECT:
             raise unauthorized("invalid or expired refresh token")
         assert record is not None and device is not None
-        if outcome is RefreshOutcome.REUSE:
-            logger.warning("refresh token reuse on device %s: logging the device out", device["_id"])
-            self._log_out(device["user_id"], device["_id"], expect_sid=record["sid"])
-            raise unauthorized("refresh token already used; the device was logged out")
-        user = self.store.get_user(device["user_id"])
-        if user is None or user.get("state") != logic.ACTIVE:
-            raise unauthorized("invalid or expired refresh token")
-        return self._issue(device["user_id"], device["_id"], record["sid"], now)
+        if outcome is RefreshOutcome.ROTATE:
+            user = self.store.get_user(device["user_id"])
+            if user is None or user.get("state") != logic.ACTIVE:
+                raise unauthorized("invalid or expired refresh token")
+            refresh, successor = self._new_refresh(device["user_id"], device["_id"], record["sid"], now)
+            if self.store.rotate_refresh(token_hash, now, successor):
+                return self._tokens(device["user_id"], device["_id"], record["sid"], refresh, now)
+            # A concurrent use got there first: the token was used twice.
+        logger.warning("refresh token reuse on device %s: logging the device out", device["_id"])
+        self._log_out(device["user_id"], device["_id"], expect_sid=record["sid"])
+        raise unauthorized("refresh token already used; the device was logged out")
 
     def _log_out(self, user_id: str, device_id: str, expect_sid: str | None = None) -> None:
         expect = {"sid": expect_sid} if expect_sid else None

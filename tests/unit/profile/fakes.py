@@ -128,11 +128,12 @@ class FakeStore:
     def get_refresh(self, token_hash: str) -> Doc | None:
         return copy.deepcopy(self.refresh.get(token_hash))
 
-    def set_refresh_used(self, token_hash: str, now: int) -> bool:
+    def rotate_refresh(self, token_hash: str, now: int, successor: Doc) -> bool:
         doc = self.refresh.get(token_hash)
         if doc is None or doc["used_ts"] is not None:
             return False
         doc["used_ts"] = now
+        self.insert_refresh(successor)
         return True
 
     def delete_expired_refresh(self, now: int) -> int:

@@ -219,15 +219,17 @@ def test_a_concurrent_second_use_counts_as_reuse(svc: ProfileService) -> None:
     signup(svc)
     t1 = login(svc)
     h = logic.hash_refresh_token(t1["refresh_token"])
-    real = store(svc).set_refresh_used
+    real = store(svc).rotate_refresh
 
-    def lose_the_race(token_hash: str, now: int) -> bool:
-        real(token_hash, now)  # the other request marked it first
-        return False
+    def lose_the_race(token_hash: str, now: int, successor: dict[str, Any]) -> bool:
+        store(svc).refresh[token_hash]["used_ts"] = now  # the other request marked it first
+        return real(token_hash, now, successor)
 
-    store(svc).set_refresh_used = lose_the_race  # type: ignore[method-assign]
+    store(svc).rotate_refresh = lose_the_race  # type: ignore[method-assign]
+    tokens_before = set(store(svc).refresh)
     assert status_of(svc.refresh, t1["refresh_token"]) == 401
     assert store(svc).refresh[h]["used_ts"] is not None
+    assert set(store(svc).refresh) == tokens_before  # no successor for the loser
     assert store(svc).devices[t1["device_id"]]["state"] == "logged_out"
 
 
