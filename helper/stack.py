@@ -207,7 +207,11 @@ class Stack:
         env.update(self.env)
         env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka
         env["MONGO_URL"] = self.mongo_url
-        if self.embedded_kafka and not env.get("KAFKA_WAKEUP_DIR"):
+        if env.get("KAFKA_WAKEUP_DIR") == "off":
+            # Consumers fetch in a loop of KAFKA_FETCH_MAX_WAIT_MS (how the fetch-wait curve
+            # of docs/benchmarks.md is measured).
+            env["KAFKA_WAKEUP_DIR"] = ""
+        elif self.embedded_kafka and not env.get("KAFKA_WAKEUP_DIR"):
             # The embedded broker holds every fetch its full wait: producers ring consumers
             # instead (chatlib.wakeup). Apache Kafka needs none of it.
             env["KAFKA_WAKEUP_DIR"] = str(self.wakeup_dir)

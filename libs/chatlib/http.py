@@ -68,9 +68,9 @@ def create_app(name: str, health: HealthCheck | None = None, max_body_bytes: int
     def _finish(resp: Response) -> Response:
         resp.headers["X-Request-Id"] = g.get("request_id", "")
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.HTTP_REQUESTS.labels(request.method, endpoint, str(resp.status_code)).inc()
+        metrics.child(metrics.HTTP_REQUESTS, request.method, endpoint, str(resp.status_code)).inc()
         if "started" in g:
-            metrics.HTTP_SECONDS.labels(endpoint).observe(time.perf_counter() - g.started)
+            metrics.child(metrics.HTTP_SECONDS, endpoint).observe(time.perf_counter() - g.started)
         return resp
 
     @app.teardown_request

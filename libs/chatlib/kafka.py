@@ -355,7 +355,7 @@ class Publisher:
         """Queue an event; returns kafka-python's future."""
         name = topic.name if isinstance(topic, Topic) else topic
         value = to_bytes(ev, self._name)
-        metrics.EVENTS_PRODUCED.labels(name, ev.TYPE).inc()
+        metrics.child(metrics.EVENTS_PRODUCED, name, ev.TYPE).inc()
         raw_key = key.encode() if key else None
         try:
             future = self.producer.send(name, value=value, key=raw_key)
@@ -590,7 +590,7 @@ class ConsumerWorker:
                         continue
                     if self._uncommitted and time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
                         self._flush_commits()
-                    metrics.KAFKA_WAKEUPS.labels(self.name, "ring" if rings else "idle").inc()
+                    metrics.child(metrics.KAFKA_WAKEUPS, self.name, "ring" if rings else "idle").inc()
                     now = time.monotonic()
                     owned = {(tp.topic, tp.partition) for tp in self._assignment}
                     for ring in rings:
@@ -617,7 +617,7 @@ class ConsumerWorker:
                 last_poll = time.monotonic()
                 records = consumer.poll(timeout_ms=timeout)
                 busy = bool(records)
-                metrics.KAFKA_POLLS.labels(self.name).inc()
+                metrics.child(metrics.KAFKA_POLLS, self.name).inc()
                 assignment = set(consumer.assignment())
                 if assignment != self._assignment:
                     self.current = False
@@ -636,7 +636,7 @@ class ConsumerWorker:
                     # Told of records, given none: the broker needs a longer wait to find them.
                     fetch_wait.missed(time.monotonic())
                     _set_fetch_wait(consumer, fetch_wait.ms)
-                    metrics.KAFKA_FETCH_WAIT_MS.labels(self.name).set(fetch_wait.ms)
+                    metrics.child(metrics.KAFKA_FETCH_WAIT_MS, self.name).set(fetch_wait.ms)
                 if doorbell is not None and settled:
                     now = time.monotonic()
                     # What lies before a partition's position is read (or was skipped: a consumer
@@ -699,7 +699,7 @@ class ConsumerWorker:
             return None
         try:
             env = Envelope.from_bytes(msg.value)
-            metrics.EVENT_AGE_SECONDS.labels(self.name).observe(max(0, now_ms() - env.occurred_at) / 1000)
+            metrics.child(metrics.EVENT_AGE_SECONDS, self.name).observe(max(0, now_ms() - env.occurred_at) / 1000)
             return env.parse()
         except Exception as exc:  # noqa: BLE001 - a record nobody can read is parked, not retried
             self._park(msg, f"undecodable: {exc.__class__.__name__}: {exc}")
@@ -745,8 +745,8 @@ class ConsumerWorker:
             start = time.perf_counter()
             try:
                 fn()
-                metrics.EVENTS_HANDLED.labels(self.name, "ok").inc(len(msgs))
-                metrics.HANDLER_SECONDS.labels(self.name).observe(time.perf_counter() - start)
+                metrics.child(metrics.EVENTS_HANDLED, self.name, "ok").inc(len(msgs))
+                metrics.child(metrics.HANDLER_SECONDS, self.name).observe(time.perf_counter() - start)
                 return
             except TRANSIENT_ERRORS as exc:
                 # Broker or database away: keep the record, wait, try again.
@@ -759,7 +759,7 @@ class ConsumerWorker:
                 attempt += 1
                 if attempt >= MAX_HANDLER_ATTEMPTS:
                     logger.exception("handler %s failed %d times; dead-lettering", self.name, attempt)
-                    metrics.EVENTS_HANDLED.labels(self.name, "dead_letter").inc(len(msgs))
+                    metrics.child(metrics.EVENTS_HANDLED, self.name, "dead_letter").inc(len(msgs))
                     for m in msgs:
                         self._park(m, f"{exc.__class__.__name__}: {exc}")
                     return

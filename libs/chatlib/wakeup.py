@@ -160,12 +160,17 @@ class Ringer:
         self._sock.setblocking(False)
         #: topic -> (folder mtime, listed at, [(doorbell address, key prefix or None, file name)])
         self._listing: dict[str, tuple[int, float, list[tuple[bytes, bytes | None, str]]]] = {}
+        self._folders: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def _bells(self, topic: str) -> list[tuple[bytes, bytes | None, str]]:
-        folder = self.directory / topic
+        # One stat per ring (a new doorbell changes the folder's mtime); the path string is
+        # kept, as pathlib's joins and stat wrapper cost more than the syscall.
+        folder = self._folders.get(topic)
+        if folder is None:
+            folder = self._folders[topic] = os.path.join(self.directory, topic)
         try:
-            mtime = folder.stat().st_mtime_ns
+            mtime = os.stat(folder).st_mtime_ns
         except OSError:
             return []
         now = time.monotonic()
@@ -199,7 +204,7 @@ class Ringer:
                 except BlockingIOError:
                     # Its queue is full (net.unix.max_dgram_qlen, 10 by default): it has rings
                     # pending, and its next fetch's high watermarks show it this record.
-                    metrics.KAFKA_RINGS_DROPPED.labels(topic).inc()
+                    metrics.child(metrics.KAFKA_RINGS_DROPPED, topic).inc()
                 except OSError as exc:
                     if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
                         stale.append(name)

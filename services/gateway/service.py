@@ -343,7 +343,7 @@ class Gateway(Service):
     def on_frame(self, conn: Connection, data: str | bytes) -> None:
         """One client frame: rate limit, validate, answer or produce (never log its body)."""
         if not conn.bucket.take(time.monotonic()):
-            metrics.WS_FRAMES.labels("in", "rate_limited").inc()
+            metrics.child(metrics.WS_FRAMES, "in", "rate_limited").inc()
             conn.send_frame(error_frame("rate_limited", "too many frames, slow down"))
             return
         try:
@@ -352,11 +352,11 @@ class Gateway(Service):
                 raise FrameError("invalid_request", "frames must be JSON text frames, not binary")
             frame = parse_client_frame(data)
         except FrameError as exc:
-            metrics.WS_FRAMES.labels("in", "invalid").inc()
+            metrics.child(metrics.WS_FRAMES, "in", "invalid").inc()
             conn.send_frame(error_frame(exc.code, exc.message, exc.ref))
             return
         kind = str(getattr(frame, "type", "?"))
-        metrics.WS_FRAMES.labels("in", kind).inc()
+        metrics.child(metrics.WS_FRAMES, "in", kind).inc()
         if isinstance(frame, ClientPing):
             conn.send_frame(PONG_FRAME)
             return

@@ -371,7 +371,7 @@ class Connection:
                     transport.write(item)  # type: ignore[attr-defined]
                     continue
                 transport.send(item)  # type: ignore[arg-type]
-                metrics.WS_FRAMES.labels("out", arg).inc()
+                metrics.child(metrics.WS_FRAMES, "out", arg).inc()
         except OSError:
             self.closing = True
         except Exception:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from helper.infra import LISTEN_PORTS_FROM, free_port, listen_ports_below
+from helper.stack import Stack
 
 
 def test_free_ports_lie_below_the_kernels_ephemeral_range_and_are_bindable() -> None:
@@ -17,3 +19,12 @@ def test_free_ports_lie_below_the_kernels_ephemeral_range_and_are_bindable() -> 
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_services_get_doorbells_with_the_embedded_broker_unless_they_are_turned_off(tmp_path: Path) -> None:
+    stack = Stack.for_tests(tmp_path)
+    assert stack.service_env("message-router")["KAFKA_WAKEUP_DIR"] == str(stack.wakeup_dir)
+    stack.env["KAFKA_WAKEUP_DIR"] = "off"  # fetch loops, as the fetch-wait curve is measured
+    assert stack.service_env("message-router")["KAFKA_WAKEUP_DIR"] == ""
+    stack.env["KAFKA_WAKEUP_DIR"] = str(tmp_path / "bells")
+    assert stack.service_env("message-router")["KAFKA_WAKEUP_DIR"] == str(tmp_path / "bells")

@@ -22,6 +22,31 @@ def test_envelope_round_trip_keeps_type_and_payload() -> None:
     assert s.from_bytes(raw) == ev
 
 
+def test_to_bytes_writes_what_the_envelope_model_writes() -> None:
+    """to_bytes builds the envelope around the event's own JSON: the same document as the
+    model would write (aliases, nulls, non-ASCII and quotes included), every event id new."""
+    message = s.StoredMessage(
+        message_id="m1", id="c1", conversation="dm:a:b", seq=3, sender="u1", from_device="d1", to="u2",
+        body='say "hi" — ça va ✓', ts=5,
+    )  # fmt: skip
+    for ev in (s.MessageStored(message=message), s.UserRegistered(user_id="u1", username="a", name="Ä")):
+        for producer in ("persistence", 'odd "name"\n'):
+            fast = json.loads(s.to_bytes(ev, producer))
+            model = json.loads(s.Envelope.wrap(ev, producer).to_bytes())
+            assert [k for k in fast] == [k for k in model]
+            assert {k: v for k, v in fast.items() if k not in ("event_id", "occurred_at")} == {
+                k: v for k, v in model.items() if k not in ("event_id", "occurred_at")
+            }
+            assert len(fast["event_id"]) == 32 and int(fast["event_id"], 16) >= 0
+            assert abs(fast["occurred_at"] - model["occurred_at"]) < 5_000
+            assert s.from_bytes(s.to_bytes(ev, producer)) == ev
+    ids = {
+        s.Envelope.from_bytes(s.to_bytes(s.UserRegistered(user_id="u", username="n", name="N"))).event_id
+        for _ in range(100)
+    }
+    assert len(ids) == 100
+
+
 def test_unknown_fields_are_ignored_and_unknown_types_skipped() -> None:
     raw = json.dumps(
         {
