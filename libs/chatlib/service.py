@@ -168,6 +168,8 @@ class ConsumeSpec:
     on_assignment: str | None = None
     #: A busy consumer fetches at most this often (ms); None: KAFKA_WAKEUP_LINGER_MS.
     linger_ms: float | None = None
+    #: Records one poll hands over at most; None: the consumer's default (10,000).
+    max_records: int | None = None
 
 
 def consume(
@@ -179,6 +181,7 @@ def consume(
     key_prefix: str | None = None,
     on_assignment: str | None = None,
     linger_ms: float | None = None,
+    max_records: int | None = None,
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Mark a method as the handler of these topics.
 
@@ -196,16 +199,24 @@ def consume(
     consumer owns change: state kept for owned partitions starts over.
     ``linger_ms`` lets a consumer that need not be quick (push notifications)
     read a burst in fewer fetches: after a fetch that found records, the next
-    one waits until that long after it.
+    one waits until that long after it. ``max_records`` bounds one poll's batch, for
+    a handler whose records are expensive: a poll's work must end well within
+    ``KAFKA_MAX_POLL_INTERVAL_MS`` or the consumer loses its partitions.
     """
 
     def mark(fn: Callable[..., None]) -> Callable[..., None]:
         fn._consume = ConsumeSpec(  # type: ignore[attr-defined]
-            list(topics), group, batch, from_beginning, private, key_prefix, on_assignment, linger_ms
+            list(topics), group, batch, from_beginning, private, key_prefix, on_assignment, linger_ms, max_records
         )
         return fn
 
     return mark
+
+
+def _max_records(specs: list[ConsumeSpec]) -> dict[str, int]:
+    """The smallest ``max_records`` the handlers sharing a consumer asked for, if any."""
+    asked = [sp.max_records for sp in specs if sp.max_records is not None]
+    return {"max_records": min(asked)} if asked else {}
 
 
 def _declared(cls: type) -> list[str]:
@@ -280,6 +291,7 @@ class Service:
                 from_beginning=plan.spec.from_beginning,
                 key_prefixes=plan.key_prefixes,
                 linger_ms=max((sp.linger_ms for sp in plan.specs if sp.linger_ms is not None), default=None),
+                **_max_records(plan.specs),
             )
             hooks: list[Callable[[], None]] = [getattr(self, n) for n in {s.on_assignment for s in plan.specs} if n]
             if hooks:

@@ -9,6 +9,7 @@ the group and nothing after.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,22 +52,32 @@ class Reads(Part):
 
     def conversations_of(self, user_id: str) -> list[ConvInfo]:
         """Every conversation the user can read: dms from user_conversations, groups from member ranges."""
-        out = [
-            ConvInfo(
-                conversation=d["conversation"],
-                intervals=logic.dm_intervals(int(d.get("last", {}).get("seq", 0))),
-                last=int(d.get("last", {}).get("seq", 0)),
-                last_message=d.get("last", {}).get("message"),
-                activity=int(d.get("last", {}).get("ts", 0)),
-            )
-            for d in self.store.get_dm_conversations(user_id)
-        ]
-        ranges: dict[str, list[logic.MemberRange]] = {}
-        for r in self.store.get_ranges_of_user(user_id):
-            ranges.setdefault(r.conversation, []).append(r)
-        lasts = self.store.get_lasts(ranges)
-        for conv, rs in ranges.items():
-            out.append(self._group_info(conv, rs, lasts.get(conv)))
+        return self.conversations_of_users([user_id])[user_id]
+
+    def conversations_of_users(self, user_ids: Iterable[str]) -> dict[str, list[ConvInfo]]:
+        """:meth:`conversations_of` for many users in a few ``$in`` queries (a storm of connects)."""
+        ids = sorted(set(user_ids))
+        out: dict[str, list[ConvInfo]] = {
+            u: [
+                ConvInfo(
+                    conversation=d["conversation"],
+                    intervals=logic.dm_intervals(int(d.get("last", {}).get("seq", 0))),
+                    last=int(d.get("last", {}).get("seq", 0)),
+                    last_message=d.get("last", {}).get("message"),
+                    activity=int(d.get("last", {}).get("ts", 0)),
+                )
+                for d in dms
+            ]
+            for u, dms in self.store.get_dm_conversations_of(ids).items()
+        }
+        ranges: dict[str, dict[str, list[logic.MemberRange]]] = {}
+        for u, rs in self.store.get_ranges_of_user_ids(ids).items():
+            for r in rs:
+                ranges.setdefault(u, {}).setdefault(r.conversation, []).append(r)
+        lasts = self.store.get_lasts({conv for mine in ranges.values() for conv in mine})
+        for u, mine in ranges.items():
+            for conv, rs in mine.items():
+                out[u].append(self._group_info(conv, rs, lasts.get(conv)))
         return out
 
     def _group_info(self, conv: str, ranges: list[logic.MemberRange], last: dict[str, Any] | None) -> ConvInfo:

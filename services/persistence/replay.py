@@ -20,6 +20,7 @@ from chatlib.schemas import DeviceConnected, DeviceRef, ReplayRequest, parse_con
 from . import logic
 from .inbound import Outbox, Part
 from .logic import INFINITY, ConnectReplay, Interval, Offsets
+from .reads import ConvInfo
 
 if TYPE_CHECKING:
     from .service import Persistence
@@ -66,12 +67,47 @@ class Replay(Part):
             return [(1, INFINITY)] if user_id in ids else []
         return logic.visible_intervals(self.store.get_ranges_of_user(user_id, conversation), INFINITY)
 
-    def connect(self, ev: DeviceConnected, out: Outbox) -> None:
-        """Everything above the device's delivered offsets, then the initial sync; a catch-up is scheduled."""
-        device = DeviceRef(user_id=ev.user_id, device_id=ev.device_id)
-        offsets = self.store.get_device_offsets(ev.user_id, ev.device_id)
+    def connect(self, events: list[DeviceConnected], out: Outbox) -> None:
+        """Everything above each connecting device's delivered offsets, then the initial sync;
+        a catch-up is scheduled for each.
+
+        A poll's connects are read together (a reconnect storm brings thousands): the
+        conversations and offsets of all their users in a few ``$in`` queries, and the
+        pending messages of a device once however many of its sockets connected.
+        """
+        if not events:
+            return
+        convs = self.svc.reads.conversations_of_users(ev.user_id for ev in events)
+        offsets = self.store.get_offsets_of_devices((ev.user_id, ev.device_id) for ev in events)
+        replays: dict[tuple[str, str], ConnectReplay] = {}
+        records = messages = 0
+        for ev in events:
+            key = (ev.user_id, ev.device_id)
+            replay = replays.get(key)
+            if replay is None:
+                replay = replays[key] = self._pending(convs[ev.user_id], offsets[key])
+                messages += sum(len(v) for v in replay.messages.values())
+            device = DeviceRef(user_id=ev.user_id, device_id=ev.device_id)
+            delivers = logic.connect_delivers(replay, device, ev.conn_id, self.config.deliver_max_bytes)
+            for d in delivers:
+                out.deliver(ev.gateway, d)
+            records += len(delivers)
+            if self.config.connect_catchup_ms > 0:
+                due = time.monotonic() + self.config.connect_catchup_ms / 1000
+                with self._lock:
+                    self._due.append((due, ev, dict(replay.last)))
+        logger.info(
+            "replay for %d connecting sockets of %d devices: %d messages, %d records",
+            len(events),
+            len(replays),
+            messages,
+            records,
+        )
+
+    def _pending(self, infos: list[ConvInfo], offsets: dict[str, Offsets]) -> ConnectReplay:
+        """A device's conversations: their newest seq, its delivered offset and what lies between."""
         replay = ConnectReplay()
-        for info in self.svc.reads.conversations_of(ev.user_id):
+        for info in infos:
             conv = info.conversation
             delivered = offsets.get(conv, Offsets()).delivered
             replay.last[conv] = info.last
@@ -81,19 +117,7 @@ class Replay(Part):
                 pending = self.store.get_messages(conv, want)
                 if pending:
                     replay.messages[conv] = pending
-        delivers = logic.connect_delivers(replay, device, ev.conn_id, self.config.deliver_max_bytes)
-        for d in delivers:
-            out.deliver(ev.gateway, d)
-        if self.config.connect_catchup_ms > 0:
-            due = time.monotonic() + self.config.connect_catchup_ms / 1000
-            with self._lock:
-                self._due.append((due, ev, dict(replay.last)))
-        logger.info(
-            "replay for a connecting device: %d conversations, %d messages, %d records",
-            len(replay.last),
-            sum(len(v) for v in replay.messages.values()),
-            len(delivers),
-        )
+        return replay
 
     def run_due(self, now: float) -> int:
         """Send the catch-up syncs that are due; returns how many ran.
@@ -109,16 +133,17 @@ class Replay(Part):
         if not due:
             return 0
         out = Outbox(self.config.deliver_max_bytes)
+        convs = self.svc.reads.conversations_of_users(ev.user_id for _, ev, _ in due)
         for _, ev, snapshot in due:
-            self.catch_up(ev, snapshot, out)
+            self.catch_up(ev, snapshot, convs[ev.user_id], out)
         out.send(self.publisher)
         self.publisher.flush()
         return len(due)
 
-    def catch_up(self, ev: DeviceConnected, snapshot: dict[str, int], out: Outbox) -> None:
+    def catch_up(self, ev: DeviceConnected, snapshot: dict[str, int], infos: list[ConvInfo], out: Outbox) -> None:
         """What was stored since the connect snapshot, as sync Delivers for that socket."""
         device = DeviceRef(user_id=ev.user_id, device_id=ev.device_id)
-        for info in self.svc.reads.conversations_of(ev.user_id):
+        for info in infos:
             before = snapshot.get(info.conversation, 0)
             if info.last <= before:
                 continue

@@ -177,13 +177,13 @@ class Persistence(Service):
 
     # Each control topic keeps its own consumer: a slow account deletion or a big
     # membership change must not hold back the replay a connecting device waits for.
-    @consume(topics.SESSION_EVENTS, group="persistence-sessions", batch=True)
+    # A connect costs a few database reads (its conversations, offsets and pending messages):
+    # polls of at most 500 keep a reconnect storm's batches well within the poll interval.
+    @consume(topics.SESSION_EVENTS, group="persistence-sessions", batch=True, max_records=500)
     def on_session_events(self, events: list[Event]) -> None:
         """Replay to every socket that connected (protocol 5); other session events are not ours."""
         out = Outbox(self.config.deliver_max_bytes)
-        for ev in events:
-            if isinstance(ev, DeviceConnected):
-                self.replay.connect(ev, out)
+        self.replay.connect([ev for ev in events if isinstance(ev, DeviceConnected)], out)
         out.send(self.publisher)
         self.publisher.flush()
 

@@ -197,6 +197,11 @@ class _Unfolded:
         return out
 
 
+def _dm_entry(doc: dict[str, Any], user_id: str) -> dict[str, Any]:
+    peers = [u for u in doc.get("members", []) if u != user_id]
+    return {"conversation": doc["_id"], "peer": peers[0] if peers else user_id, "last": doc.get("last", {})}
+
+
 def _range_filter(conversation: str, intervals: Iterable[Interval]) -> list[dict[str, Any]]:
     return [{"conversation": conversation, "seq": {"$gte": lo, "$lte": hi}} for lo, hi in intervals]
 
@@ -379,10 +384,20 @@ class PersistenceStore:
 
     def get_dm_conversations(self, user_id: str) -> list[dict[str, Any]]:
         """The user's dms: ``{conversation, peer, last: {seq, ts, message}}``."""
-        out = []
-        for d in self.conversations.find({"members": user_id}, {"members": 1, "last": 1}):
-            peers = [u for u in d.get("members", []) if u != user_id]
-            out.append({"conversation": d["_id"], "peer": peers[0] if peers else user_id, "last": d.get("last", {})})
+        return self.get_dm_conversations_of([user_id])[user_id]
+
+    def get_dm_conversations_of(self, user_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+        """:meth:`get_dm_conversations` of many users in ``$in`` queries (a reconnect storm's batch)."""
+        ids = sorted(set(user_ids))
+        out: dict[str, list[dict[str, Any]]] = {u: [] for u in ids}
+        seen: set[str] = set()
+        for d in find_in(self.conversations, "members", ids, projection={"members": 1, "last": 1}):
+            if d["_id"] in seen:
+                continue  # its two members fell into two chunks of the $in
+            seen.add(d["_id"])
+            for u in set(d.get("members", [])):
+                if u in out:
+                    out[u].append(_dm_entry(d, u))
         return out
 
     def get_dm_peers(self, user_ids: Iterable[str]) -> dict[str, set[str]]:
@@ -403,6 +418,14 @@ class PersistenceStore:
         if conversation is not None:
             flt["conversation"] = conversation
         return [_to_range(d) for d in self.ranges.find(flt)]
+
+    def get_ranges_of_user_ids(self, user_ids: Iterable[str]) -> dict[str, list[MemberRange]]:
+        """Every membership range of each user, in ``$in`` queries."""
+        ids = sorted(set(user_ids))
+        out: dict[str, list[MemberRange]] = {u: [] for u in ids}
+        for d in find_in(self.ranges, "user_id", ids):
+            out[d["user_id"]].append(_to_range(d))
+        return out
 
     def get_ranges_of_conversations(self, conversations: Iterable[str]) -> list[MemberRange]:
         ids = sorted(set(conversations))
@@ -442,11 +465,26 @@ class PersistenceStore:
     # -- offsets ---------------------------------------------------------------
 
     def get_device_offsets(self, user_id: str, device_id: str) -> dict[str, Offsets]:
-        docs = self.offsets.find({"user_id": user_id}, {"conversation": 1, f"devices.{device_id}": 1})
-        out = {d["conversation"]: _offsets(d.get("devices", {}).get(device_id)) for d in docs}
+        """conversation -> the device's offsets (every conversation the user has offsets in)."""
+        return self.get_offsets_of_devices([(user_id, device_id)])[(user_id, device_id)]
+
+    def get_offsets_of_devices(self, devices: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Offsets]]:
+        """:meth:`get_device_offsets` of many (user, device) pairs, in ``$in`` queries by user."""
+        wanted = set(devices)
+        out: dict[tuple[str, str], dict[str, Offsets]] = {key: {} for key in wanted}
+        by_user: dict[str, set[str]] = {}
+        for u, d in wanted:
+            by_user.setdefault(u, set()).add(d)
+        projection = {"conversation": 1, "user_id": 1, "devices": 1}
+        for doc in find_in(self.offsets, "user_id", sorted(by_user), projection=projection):
+            stored = doc.get("devices", {})
+            for device_id in by_user[doc["user_id"]]:
+                out[(doc["user_id"], device_id)][doc["conversation"]] = _offsets(stored.get(device_id))
         with self._unfolded.lock:
-            mine = {c: o for (d, c), o in self._unfolded.device_view(user_id).items() if d == device_id}
-        _raise_all(out, mine)
+            for u, device_ids in by_user.items():
+                for (d, c), o in self._unfolded.device_view(u).items():
+                    if d in device_ids:
+                        _raise_all(out[(u, d)], {c: o})
         return out
 
     def get_device_offsets_many(self, keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], Offsets]:

@@ -88,3 +88,42 @@ def test_offsets_never_go_back_and_a_removed_device_stays_removed(db: Database) 
     assert store.get_device_offsets("bob", "phone") == {G: Offsets()}
     assert PersistenceStore(db).recover_offsets() == 0  # nothing left to bring the device back
     assert store.get_user_offsets("bob") == {G: Offsets(delivered=12, read=10)}  # their own state stays
+
+
+def test_a_storm_of_connects_reads_many_users_at_once_as_it_reads_each(db: Database) -> None:  # type: ignore[type-arg]
+    """The batched reads of connect replays (many users per ``$in`` query, chunked) give what
+    the one-user reads give, folded and journaled offsets included."""
+    from chatlib.schemas import StoredMessage, dm_conversation
+
+    from services.persistence.logic import MemberRange
+
+    store = PersistenceStore(db)
+    users = [f"u{i:03d}" for i in range(250)]  # more than one $in chunk
+    messages = [
+        StoredMessage(
+            message_id=uuid.uuid4().hex, id=f"m{i}", conversation=dm_conversation(u, users[(i + 1) % 250]), seq=1,
+            sender=u, from_device="phone", to=users[(i + 1) % 250], body="hi", ts=i,
+        )
+        for i, u in enumerate(users)
+    ]  # fmt: skip
+    store.insert_new(messages)
+    store.save_conversations(messages)
+    store.save_ranges([MemberRange(f"r{i}", G, u, from_seq=1, opened_ts=1) for i, u in enumerate(users[:120])], [])
+    store.set_offsets({(u, "phone", m.conversation): Offsets(delivered=1) for u, m in zip(users, messages)}, {})
+    store.fold_offsets()
+    store.set_offsets({(u, "tablet", G): Offsets(delivered=3) for u in users[:10]}, {})  # journaled, not folded
+    devices = [(u, d) for u in users for d in ("phone", "tablet")]
+    many = store.get_offsets_of_devices(devices)
+    assert many == {(u, d): store.get_device_offsets(u, d) for u, d in devices}
+    assert many[("u001", "phone")][messages[1].conversation] == Offsets(delivered=1)
+    assert many[("u001", "tablet")][G] == Offsets(delivered=3)
+    dms = store.get_dm_conversations_of(users)
+    assert {u: sorted(d["conversation"] for d in v) for u, v in dms.items()} == {
+        u: sorted(d["conversation"] for d in store.get_dm_conversations(u)) for u in users
+    }
+    assert all(len(v) == 2 for v in dms.values())  # the dm each user started and the one started with them
+    ranges = store.get_ranges_of_user_ids(users)
+    assert {u: [r.range_id for r in v] for u, v in ranges.items()} == {
+        u: [r.range_id for r in store.get_ranges_of_user(u)] for u in users
+    }
+    assert sum(len(v) for v in ranges.values()) == 120

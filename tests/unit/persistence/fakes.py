@@ -103,6 +103,9 @@ class FakeStore:
                 out.append({"conversation": conv, "peer": peer, "last": doc.get("last", {})})
         return out
 
+    def get_dm_conversations_of(self, user_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+        return {u: self.get_dm_conversations(u) for u in set(user_ids)}
+
     def get_dm_peers(self, user_ids: Iterable[str]) -> dict[str, set[str]]:
         ids = set(user_ids)
         out: dict[str, set[str]] = {u: set() for u in ids}
@@ -116,6 +119,9 @@ class FakeStore:
     # -- ranges
     def get_ranges_of_user(self, user_id: str, conversation: str | None = None) -> list[MemberRange]:
         return [r for r in self.ranges.values() if r.user_id == user_id and conversation in (None, r.conversation)]
+
+    def get_ranges_of_user_ids(self, user_ids: Iterable[str]) -> dict[str, list[MemberRange]]:
+        return {u: self.get_ranges_of_user(u) for u in set(user_ids)}
 
     def get_ranges_of_conversations(self, conversations: Iterable[str]) -> list[MemberRange]:
         convs = set(conversations)
@@ -135,6 +141,9 @@ class FakeStore:
     # -- offsets
     def get_device_offsets(self, user_id: str, device_id: str) -> dict[str, Offsets]:
         return {c: o for (u, d, c), o in self.device_offsets.items() if (u, d) == (user_id, device_id)}
+
+    def get_offsets_of_devices(self, devices: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Offsets]]:
+        return {(u, d): self.get_device_offsets(u, d) for u, d in set(devices)}
 
     def get_device_offsets_many(self, keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], Offsets]:
         return {k: self.device_offsets[k] for k in keys if k in self.device_offsets}

@@ -148,6 +148,46 @@ def test_catch_up_after_connect_sends_what_was_stored_since_the_snapshot() -> No
     assert svc.run_due_catchups(now=10**9) == 0  # once per connect
 
 
+def test_a_poll_of_connects_replays_to_every_socket_each_its_own_device_offsets() -> None:
+    """A reconnect storm's poll: many users, several sockets of one device, one device behind
+    another of the same user; each socket gets exactly what its device misses."""
+    svc = make_service(connect_catchup_ms=50)
+    send_dms(svc, 3, sender="bob", to="alice")  # a:b 1..3
+    send_dms(svc, 2, sender="alice", to="carol", device="alice-phone")  # a:c 1..2
+    svc.on_inbound([receipt("alice", AB, "delivered", 2, device="laptop")])
+    svc.on_inbound([receipt("carol", dm_conversation("alice", "carol"), "delivered", 1)])
+    svc.publisher.clear()  # type: ignore[attr-defined]
+    svc.on_session_events(
+        [
+            connected("alice", conn="p1", gateway="gw1"),
+            connected("alice", device="laptop", conn="l1"),
+            connected("carol", conn="c1"),
+            connected("alice", conn="p2", gateway="gw1"),  # a second socket of the same device
+            connected("dave", conn="d1"),
+        ]
+    )
+    by_conn = {d.conn_id: d for d in delivers(svc)}
+    assert sorted(by_conn) == ["c1", "d1", "l1", "p1", "p2"]
+    frames = {c: [(f["conversation"], f["type"], f["seq"]) for f in d.frames] for c, d in by_conn.items()}
+    AC = dm_conversation("alice", "carol")
+    phone = [(AB, "message", 1), (AB, "message", 2), (AB, "message", 3), (AC, "ack", 1), (AC, "ack", 2)]
+    assert sorted(frames["p1"]) == sorted(frames["p2"]) == sorted(phone)
+    assert sorted(frames["l1"]) == sorted([(AB, "message", 3), (AC, "message", 1), (AC, "message", 2)])
+    assert frames["c1"] == [(AC, "message", 2)]
+    assert frames["d1"] == []
+    assert all(d.initial for d in by_conn.values())
+    assert by_conn["p1"].sync == by_conn["l1"].sync == {AB: 3, AC: 2} and by_conn["c1"].sync == {AC: 2}
+    assert {c: d.targets[0].device_id for c, d in by_conn.items()} == {
+        "p1": "alice-phone", "p2": "alice-phone", "l1": "laptop", "c1": "carol-phone", "d1": "dave-phone"
+    }  # fmt: skip
+    # A catch-up for every socket, read together when they are due.
+    send_dms(svc, 1, sender="bob", to="alice", start=10)  # a:b 4
+    svc.publisher.clear()  # type: ignore[attr-defined]
+    assert svc.run_due_catchups(now=10**9) == 5
+    caught = sorted((d.conn_id, [f["seq"] for f in d.frames]) for d in delivers(svc))
+    assert caught == [("l1", [4]), ("p1", [4]), ("p2", [4])]
+
+
 def test_user_without_conversations_gets_an_empty_initial_sync(svc: Persistence) -> None:
     svc.on_session_events([connected("dave")])
     [d] = delivers(svc)
