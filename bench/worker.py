@@ -201,6 +201,8 @@ class Worker:
             await asyncio.wait_for(s.ws.close(), 10)
         except (TimeoutError, WebSocketException, OSError):
             pass
+        # Let the cancelled tasks finish, or a worker that exits next leaves them pending.
+        await asyncio.gather(*s.tasks, return_exceptions=True)
 
     async def op_connect(
         self, sockets: list[tuple[int, str, str]], receipts: str = "each", parallel: int = 50
