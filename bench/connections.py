@@ -611,7 +611,9 @@ class ConnectionPhase:
             }
             self.pool.connect(probe_plan)
             out["sockets_per_device"] = round(max(self.args.conn_levels) / max(1, len(self.accounts) - 2), 1)
+            sampler.window = "steps"  # thousands of upgrades, each an auth subrequest: not idle
             out["memory"] = self.levels()
+            sampler.window = "idle"
             out["idle"] = self.idle_and_probe()
             out["storm"] = self.storm(sampler)
         finally:
@@ -620,7 +622,7 @@ class ConnectionPhase:
                 self.disconnect([*self.sids, *PROBE_SIDS])
             finally:
                 self.restore()
-        for window in ("idle", "login", "storm"):
+        for window in ("idle", "login", "steps", "storm"):
             s = out["auth_ms"].get(window)
             if s:
                 self.say(f"  /internal/auth during {window}: p50 {s['p50']} ms, p99 {s['p99']} ms ({s['n']} samples)")
@@ -676,11 +678,12 @@ def markdown(run: dict[str, Any], image: str | None) -> str:
             f"| {what} ({x['count']}, {lg['parallel']} in parallel) | {_f(x['per_s'])} | {_f(top)} | {share} | "
             f"{_f(x.get('profile_cores'), 2)} | {_f(a.get('p50'), 2)} / {_f(a.get('p99'), 2)} |"
         )
-    idle = auth.get("idle", {})
+    idle, steps = auth.get("idle", {}), auth.get("steps", {})
     lines += [
         "",
-        f"`/internal/auth` idle: p50 {_f(idle.get('p50'), 2)} ms, p99 {_f(idle.get('p99'), 2)} ms (sampled "
-        "directly on profile's port every 20 ms). Bare Argon2id in one process, one thread per core:",
+        f"`/internal/auth` idle: p50 {_f(idle.get('p50'), 2)} ms, p99 {_f(idle.get('p99'), 2)} ms; while the "
+        f"memory steps' sockets connected: p50 {_f(steps.get('p50'), 2)} ms, p99 {_f(steps.get('p99'), 2)} ms "
+        "(sampled directly on profile's port every 20 ms). Bare Argon2id in one process, one thread per core:",
         "",
     ]
     lines += ["| cost | t | memory | p | hashes per second |", "|---|---|---|---|---|"]

@@ -264,6 +264,9 @@ class Worker:
             self.stats(self.current).errors[f"socket closed by the server ({why})"] += 1
             self.socks.pop(s.sid, None)
             self.lost.append(s.sid)
+            for t in s.tasks:  # its writer and receipt flusher end with it
+                if t is not asyncio.current_task():
+                    t.cancel()
 
     async def on_frame(self, s: Sock, raw: str | bytes, now: int) -> None:
         f = json.loads(raw)
