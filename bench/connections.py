@@ -76,6 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conn-missed", type=int, default=100, help="messages sent to users whose sockets are down")
     p.add_argument("--conn-connect-parallel", type=int, default=250, help="handshakes in flight per worker (storm)")
     p.add_argument("--conn-missed-budget", type=float, default=300, help="seconds the missed messages may take")
+    p.add_argument(
+        "--conn-storm",
+        choices=("close", "kill"),
+        default="close",
+        help="how the storm's sockets drop: closed by their clients, or with their gateway (kill -9, started again)",
+    )
 
 
 # -- pure parts ----------------------------------------------------------------------
@@ -265,6 +271,8 @@ class ConnectionPhase:
         self.accounts: list[dict[str, Any]] = []
         self.sids: list[int] = []
         self.stopped: list[int] = []
+        #: worker index -> [(sid, user_id, token)] of the probe pair (on gateway-1 with the rest)
+        self.probe_plan: dict[int, list[tuple[int, str, str]]] = {}
         #: sockets gateway-1 held before the steps (the probe pair's and earlier phases')
         self.base_sockets = 0
 
@@ -508,14 +516,45 @@ class ConnectionPhase:
         )
         return out
 
+    def kill_gateway(self) -> float:
+        """kill -9 gateway-1 (every socket of the phase is on it) and start it again; once the
+        workers have seen all their sockets dropped, the probe pair connects again. Seconds taken."""
+        t = time.monotonic()
+        self.stack.restart("gateway-1", kill=True)
+        pid = self.stack.procs["gateway-1"].pid
+        if pid is not None:
+            self.bench.roots["gateway-1"] = pid  # CPU figures from now on
+        dropped: set[int] = set()
+        want = {*self.sids, *PROBE_SIDS}
+        deadline = time.monotonic() + 60
+        while not want <= dropped and time.monotonic() < deadline:
+            time.sleep(0.5)
+            for lost in self.pool.all("take_lost", timeout=60):
+                dropped.update(lost)
+        if not want <= dropped:
+            raise RuntimeError(f"{len(want - dropped)} sockets were not dropped with their gateway")
+        for sid in want:
+            self.pool.owner.pop(sid, None)
+        r = self.pool.connect(self.probe_plan)
+        if r["opened"] != len(PROBE_SIDS):
+            raise RuntimeError(f"the probe pair did not connect again: {r['failed']}")
+        return round(time.monotonic() - t, 2)
+
     def storm(self, sampler: AuthSampler) -> dict[str, Any]:
         """Close every socket at once, send to users whose sockets are down, reconnect all at once."""
         n = len(self.sids)
-        out: dict[str, Any] = {"sockets": n}
+        out: dict[str, Any] = {"sockets": n, "how": self.args.conn_storm}
         sampler.window = "disconnect"
-        out["close_s"] = self.disconnect(self.sids)
-        out["gateway_after_close"] = self.wait_gateway(lambda k: k <= self.base_sockets, 60)
-        self.say(f"  {n} sockets closed in {out['close_s']} s; gateway-1 holds {out['gateway_after_close']}")
+        if self.args.conn_storm == "kill":
+            out["close_s"] = self.kill_gateway()
+            out["gateway_after_close"] = self.gateway_sockets()
+            self.say(
+                f"  gateway-1 killed with {n} sockets and started again in {out['close_s']} s; the probe pair is back"
+            )
+        else:
+            out["close_s"] = self.disconnect(self.sids)
+            out["gateway_after_close"] = self.wait_gateway(lambda k: k <= self.base_sockets, 60)
+            self.say(f"  {n} sockets closed in {out['close_s']} s; gateway-1 holds {out['gateway_after_close']}")
 
         # Messages to users none of whose sockets is open now: each must reach them after the storm.
         tag = self.bench.tag("CM")
@@ -577,6 +616,7 @@ class ConnectionPhase:
         got = self.pool.collect(ptag)
         out["probe"] = {
             "sent": len(probe),
+            "acked": done.get("acks", 0),
             "delivered": done.get("ids", 0),
             "latency_ms": summary(got["lat_ms"], missing=max(0, len(probe) - len(got["lat_ms"]))),
         }
@@ -603,13 +643,13 @@ class ConnectionPhase:
             out["logins"] = self.logins(sampler)
             out["hash"] += self.hash_ceiling(only_configured=True)
             self.isolate()
-            probe_plan = {
+            self.probe_plan = {
                 0: [
                     (PROBE_SIDS[0], self.accounts[0]["user_id"], self.accounts[0]["token"]),
                     (PROBE_SIDS[1], self.accounts[1]["user_id"], self.accounts[1]["token"]),
                 ]
             }
-            self.pool.connect(probe_plan)
+            self.pool.connect(self.probe_plan)
             out["sockets_per_device"] = round(max(self.args.conn_levels) / max(1, len(self.accounts) - 2), 1)
             sampler.window = "steps"  # thousands of upgrades, each an auth subrequest: not idle
             out["memory"] = self.levels()
@@ -736,9 +776,13 @@ def markdown(run: dict[str, Any], image: str | None) -> str:
         "",
         "### Reconnect storm",
         "",
-        f"All {st['sockets']:,} sockets closed at once by their clients, {st['missed']['sent']} messages sent "
-        f"to users whose sockets were all down ({st['missed_acked']} acked), then every socket connected again at "
-        "once (token check included):",
+        (
+            f"Gateway-1 killed (kill -9) with all {st['sockets']:,} sockets and started again"
+            if st.get("how") == "kill"
+            else f"All {st['sockets']:,} sockets closed at once by their clients"
+        )
+        + f", {st['missed']['sent']} messages sent to users whose sockets were all down ({st['missed_acked']} "
+        "acked), then every socket connected again at once (token check included):",
         "",
         f"- **{rc['opened']:,} of {rc['sockets']:,} connected in {rc['seconds']} s: {_f(rc['per_s'])} connects/s**; "
         f"handshake p50 {_f(rc['handshake_ms']['p50'])} ms, p99 {_f(rc['handshake_ms']['p99'])} ms"
@@ -747,7 +791,8 @@ def markdown(run: dict[str, Any], image: str | None) -> str:
         f"{st['missed']['sent']}, {st['missed'].get('waited_s')} s after the storm began (waited at most "
         f"{st['missed'].get('budget_s')} s after the last socket was back; not there by then: {st['missed']['lost']})",
         f"- two other sockets kept exchanging 10 messages a second meanwhile: p50 {_f(sp['p50'], 2)} ms, "
-        f"p99 {_f(sp['p99'], 2)} ms, {st['probe']['delivered']} of {st['probe']['sent']} delivered",
+        f"p99 {_f(sp['p99'], 2)} ms, {st['probe']['delivered']} of {st['probe']['sent']} delivered"
+        + (f" ({st['probe']['acked']} acked)" if "acked" in st["probe"] else ""),
         f"- `/internal/auth` during the storm: p50 {_f(sa.get('p50'), 2)} ms, p99 {_f(sa.get('p99'), 2)} ms",
         f"- CPU cores over the storm ({st['cpu']['wall_s']} s): {top}; load generator {st['cpu'][GEN]:.1f} s, "
         f"other processes {st['cpu'][OTHERS]:.1f} s of CPU",

@@ -91,3 +91,23 @@ def test_a_key_prefix_skips_other_records_undecoded() -> None:
     other = SimpleNamespace(topic=SIGNALS.name, key=b"group:g", value=b"not even json", partition=0, offset=2)
     assert worker._decode(mine) == typing
     assert worker._decode(other) is None  # skipped before decoding: not parked as undecodable
+
+
+def test_the_smallest_max_records_of_a_shared_consumer_bounds_its_polls() -> None:
+    from chatlib.service import _max_records
+
+    class Bounded(Service):
+        name = "bounded"
+
+        @consume(SESSION_EVENTS, group="bounded-control", batch=True, max_records=500)
+        def on_sessions(self, events: list[Event]) -> None: ...
+
+        @consume(USER_EVENTS, group="bounded-control", batch=True)
+        def on_users(self, events: list[Event]) -> None: ...
+
+        @consume(MESSAGES_IN, group="bounded", batch=True)
+        def on_inbound(self, events: list[Event]) -> None: ...
+
+    plans = {plan.name: plan for plan in Bounded(ServiceConfig())._consumers()}
+    assert _max_records(plans["bounded.control"].specs) == {"max_records": 500}
+    assert _max_records(plans["bounded.on_inbound"].specs) == {}  # the consumer's default
