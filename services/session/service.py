@@ -86,10 +86,7 @@ class Session(Service):
 
     # -- Kafka ------------------------------------------------------------
 
-    # A poll's connection documents are one bulk write, but SecantusDB applies its operations one
-    # by one (~1 ms each under a storm): polls of at most 1,000 keep a reconnect storm's batch well
-    # within KAFKA_MAX_POLL_INTERVAL_MS (a 10,000-socket storm overran it: the batch was read again).
-    @consume(SESSION_EVENTS, group="session", batch=True, max_records=1000)
+    @consume(SESSION_EVENTS, group="session", batch=True)
     def on_session_events(self, events: list[Event]) -> None:
         """Connects, disconnects and heartbeats of one poll, applied together."""
         with self._lock:
