@@ -382,12 +382,8 @@ class PersistenceStore:
         docs = find_in(self.conversations, "_id", ids, projection={"last": 1})
         return {d["_id"]: d["last"] for d in docs if d.get("last")}
 
-    def get_dm_conversations(self, user_id: str) -> list[dict[str, Any]]:
-        """The user's dms: ``{conversation, peer, last: {seq, ts, message}}``."""
-        return self.get_dm_conversations_of([user_id])[user_id]
-
     def get_dm_conversations_of(self, user_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-        """:meth:`get_dm_conversations` of many users in ``$in`` queries (a reconnect storm's batch)."""
+        """Each user's dms, ``{conversation, peer, last: {seq, ts, message}}``, in ``$in`` queries."""
         ids = sorted(set(user_ids))
         out: dict[str, list[dict[str, Any]]] = {u: [] for u in ids}
         seen: set[str] = set()

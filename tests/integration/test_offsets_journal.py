@@ -91,8 +91,8 @@ def test_offsets_never_go_back_and_a_removed_device_stays_removed(db: Database) 
 
 
 def test_a_storm_of_connects_reads_many_users_at_once_as_it_reads_each(db: Database) -> None:  # type: ignore[type-arg]
-    """The batched reads of connect replays (many users per ``$in`` query, chunked) give what
-    the one-user reads give, folded and journaled offsets included."""
+    """The batched reads of connect replays (many users per ``$in`` query, chunked): every user's
+    own conversations, ranges and device offsets, folded and journaled offsets included."""
     from chatlib.schemas import StoredMessage, dm_conversation
 
     from services.persistence.logic import MemberRange
@@ -114,14 +114,21 @@ def test_a_storm_of_connects_reads_many_users_at_once_as_it_reads_each(db: Datab
     store.set_offsets({(u, "tablet", G): Offsets(delivered=3) for u in users[:10]}, {})  # journaled, not folded
     devices = [(u, d) for u in users for d in ("phone", "tablet")]
     many = store.get_offsets_of_devices(devices)
-    assert many == {(u, d): store.get_device_offsets(u, d) for u, d in devices}
-    assert many[("u001", "phone")][messages[1].conversation] == Offsets(delivered=1)
-    assert many[("u001", "tablet")][G] == Offsets(delivered=3)
+    # Each user has an offsets document for the dm they started (the phone's receipt, folded);
+    # the first ten also the tablet's journaled offset in G.
+    expected: dict[tuple[str, str], dict[str, Offsets]] = {}
+    for i, (u, m) in enumerate(zip(users, messages)):
+        expected[(u, "phone")] = {m.conversation: Offsets(delivered=1)}
+        expected[(u, "tablet")] = {m.conversation: Offsets(), **({G: Offsets(delivered=3)} if i < 10 else {})}
+    assert many == expected
+    assert store.get_device_offsets("u001", "tablet") == expected[("u001", "tablet")]  # the one-device read
     dms = store.get_dm_conversations_of(users)
+    # The dm each user started and the one started with them, once each (a dm whose two members
+    # fall into two chunks of the $in comes back twice from the database).
     assert {u: sorted(d["conversation"] for d in v) for u, v in dms.items()} == {
-        u: sorted(d["conversation"] for d in store.get_dm_conversations(u)) for u in users
+        u: sorted({messages[i].conversation, messages[i - 1].conversation}) for i, u in enumerate(users)
     }
-    assert all(len(v) == 2 for v in dms.values())  # the dm each user started and the one started with them
+    assert all({d["peer"] for d in v} == {users[i - 1], users[(i + 1) % 250]} for i, v in enumerate(dms.values()))
     ranges = store.get_ranges_of_user_ids(users)
     assert {u: [r.range_id for r in v] for u, v in ranges.items()} == {
         u: [r.range_id for r in store.get_ranges_of_user(u)] for u in users
