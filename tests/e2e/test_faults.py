@@ -10,13 +10,32 @@ The long campaign (every fault, the database and the broker included, at 100 msg
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
+
 from tests.faults import Campaign, short_faults, supervised_stack
 
 
+def _say(log: list[str]) -> Callable[[str], None]:
+    """Keep each line for the report, and print it too: captured, it is shown even when the
+    test is stopped by its timeout (which leaves no report of its own)."""
+
+    def say(line: str) -> None:
+        log.append(line)
+        print(line, flush=True)
+
+    return say
+
+
+# Under two minutes here; one CI run took past the default 300 s and was stopped mid-drain with
+# no report. 600 s leaves room for slow recoveries, and each fault's line is printed as it comes,
+# so a run stopped by the timeout still shows how far it got.
+@pytest.mark.timeout(600)
 def test_nothing_acknowledged_is_lost_when_every_service_is_killed_or_stalled_in_turn() -> None:
     log: list[str] = []
-    with supervised_stack(gateways=2, say=log.append) as stack:
-        campaign = Campaign(stack, users=6, rate=20.0, say=log.append)
+    with supervised_stack(gateways=2, say=_say(log)) as stack:
+        campaign = Campaign(stack, users=6, rate=20.0, say=_say(log))
         faults = short_faults(stack)
         summary = campaign.run(faults, drain_s=90.0)
     report = "\n".join([summary.line(), *summary.problems[:30], *log[-40:]])
