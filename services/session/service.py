@@ -10,8 +10,10 @@ connections of silent gateways offline.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,6 +30,10 @@ from .logic import HeartbeatAssembler
 from .storage import SessionStore
 
 logger = logging.getLogger(__name__)
+
+#: A poll of connection events that takes longer than this is logged with where its time went
+#: (KAFKA_MAX_POLL_INTERVAL_MS is 10 s: a poll past it costs the consumer its partitions).
+SLOW_POLL_S = 2.0
 
 
 class SessionConfig(ServiceConfig):
@@ -89,11 +95,14 @@ class Session(Service):
     @consume(SESSION_EVENTS, group="session", batch=True)
     def on_session_events(self, events: list[Event]) -> None:
         """Connects, disconnects and heartbeats of one poll, applied together."""
+        marks = [time.perf_counter()]
         with self._lock:
+            marks.append(time.perf_counter())
             now = now_ms()
             plan = logic.plan_events(events, self._assembler)
             self.store.touch_gateways(plan.gateways, now)
             self.store.apply_connection_ops(plan.ops)
+            marks.append(time.perf_counter())
             users = set(plan.users)
             for gateway, (hb_ts, held) in plan.heartbeats.items():
                 existing = self.store.get_connections_of_gateway(gateway)
@@ -105,7 +114,24 @@ class Session(Service):
                     logger.info("gateway %s still holds %d expired connections: back online", gateway, len(restore))
                     self.store.set_connections_live([c.conn_id for c in restore], True)
                 users.update(c.user_id for c in remove + restore)
+            marks.append(time.perf_counter())
             self._publish_users(users, now, plan.touched)
+            marks.append(time.perf_counter())
+        if marks[-1] - marks[0] > SLOW_POLL_S:
+            waited, ops, reconciled, published = (b - a for a, b in itertools.pairwise(marks))
+            logger.warning(
+                "session events: a poll of %d took %.1fs (lock wait %.1fs, %d connection ops %.1fs, "
+                "%d heartbeats reconciled %.1fs, %d users published %.1fs)",
+                len(events),
+                marks[-1] - marks[0],
+                waited,
+                len(plan.ops),
+                ops,
+                len(plan.heartbeats),
+                reconciled,
+                len(users),
+                published,
+            )
 
     # -- expiry -----------------------------------------------------------
 
@@ -116,18 +142,20 @@ class Session(Service):
             stale = logic.gateways_to_expire(gateways, now, int(self.config.gateway_expiry_s * 1000), self.started_at)
             expired: list[str] = []
             for gw in stale:
+                started = time.perf_counter()
                 conns = self.store.get_connections_of_gateway(gw.gateway, live_only=True)
-                logger.warning(
-                    "gateway %s silent since %d: %d connections marked offline",
-                    gw.gateway,
-                    gw.last_heartbeat,
-                    len(conns),
-                )
                 self.store.set_connections_live([c.conn_id for c in conns], False)
                 self.store.set_gateway_expired(gw.gateway)
                 # They were last seen when their gateway was last heard from.
                 self._publish_users({c.user_id for c in conns}, max(gw.last_heartbeat, 0) or now, {})
                 expired.append(gw.gateway)
+                logger.warning(
+                    "gateway %s silent since %d: %d connections marked offline (%.1fs)",
+                    gw.gateway,
+                    gw.last_heartbeat,
+                    len(conns),
+                    time.perf_counter() - started,
+                )
             retention = int(self.config.tombstone_retention_s * 1000)
             gone = [g.gateway for g in gateways if g.expired and now - g.last_heartbeat > retention]
             self.store.delete_tombstones(gone)
