@@ -265,6 +265,22 @@ def compute_user(
     return UserUpdate(user, devices, sessions, presence)
 
 
+def state_changed(before: DeviceState | UserState | None, after: DeviceState | UserState) -> bool:
+    """Whether a device's or user's state must be written again.
+
+    An online device or user is seen now, whatever ``last_seen`` says, so
+    while it stays online only a change of anything else is a change: a
+    reconnect storm recomputes every device of every user it touches, and
+    rewriting them all for a new ``last_seen`` was most of its writes.
+    ``last_seen`` is written when it goes offline (see :func:`compute_user`).
+    """
+    if before is None:
+        return True
+    if before.online and after.online:
+        return replace(before, last_seen=after.last_seen) != after
+    return before != after
+
+
 def stored_sessions(user: UserState, conns: Iterable[Conn]) -> UserSessions:
     """The UserSessions last published for ``user``, rebuilt from what is stored.
 

@@ -34,6 +34,14 @@ logger = logging.getLogger(__name__)
 #: A poll of connection events that takes longer than this is logged with where its time went
 #: (KAFKA_MAX_POLL_INTERVAL_MS is 10 s: a poll past it costs the consumer its partitions).
 SLOW_POLL_S = 2.0
+#: Connections removed or marked offline under one hold of the lock. A gateway restarted with
+#: 10,000 sockets (its heartbeat no longer lists any of them) or gone silent with them is
+#: thousands of database writes: done in one poll they overran the poll interval. Past this
+#: many, a heartbeat's removals go to the upkeep thread, which does them a part at a time.
+UPKEEP_PART = 500
+#: Between two parts the upkeep thread lets go of the lock this long: a lock is not fair
+#: (under gevent least of all), and a consumer kept waiting for the whole job overran anyway.
+UPKEEP_PAUSE_S = 0.05
 
 
 class SessionConfig(ServiceConfig):
@@ -64,10 +72,13 @@ class Session(Service):
 
     def __init__(self, config: SessionConfig, **overrides: Any):
         super().__init__(config, **overrides)
-        # The consumer and the expiry loop both recompute users: one at a time.
+        # The consumer and the upkeep thread both recompute users: one at a time.
         self._lock = threading.Lock()
         self._assembler = HeartbeatAssembler()
         self._stopping = threading.Event()
+        #: Connections a heartbeat said are gone, not removed yet (the upkeep thread's work).
+        self._to_remove: dict[str, logic.Conn] = {}
+        self._upkeep_wanted = threading.Event()
         self.started_at = now_ms()
 
     # -- lifecycle --------------------------------------------------------
@@ -78,10 +89,11 @@ class Session(Service):
 
     def on_start(self) -> None:
         self.started_at = now_ms()
-        threading.Thread(target=self._expiry_loop, name="session-expiry", daemon=True).start()
+        threading.Thread(target=self._upkeep_loop, name="session-upkeep", daemon=True).start()
 
     def on_stop(self) -> None:
         self._stopping.set()
+        self._upkeep_wanted.set()
 
     def on_broker_lost(self) -> None:
         """The broker came back empty while serving: put every record of the topic back."""
@@ -107,8 +119,16 @@ class Session(Service):
             for gateway, (hb_ts, held) in plan.heartbeats.items():
                 existing = self.store.get_connections_of_gateway(gateway)
                 remove, restore = logic.reconcile(hb_ts, held, existing)
-                if remove:
+                remove = [c for c in remove if c.conn_id not in self._to_remove]
+                if len(remove) > UPKEEP_PART:
+                    logger.info("gateway %s no longer holds %d connections: removing", gateway, len(remove))
+                    remove.sort(key=lambda c: c.user_id)  # a user's connections together, mostly
+                    self._to_remove.update((c.conn_id, c) for c in remove[UPKEEP_PART:])
+                    remove = remove[:UPKEEP_PART]
+                    self._upkeep_wanted.set()
+                elif remove:
                     logger.info("gateway %s no longer holds %d connections: removed", gateway, len(remove))
+                if remove:
                     self.store.delete_connections([c.conn_id for c in remove])
                 if restore:
                     logger.info("gateway %s still holds %d expired connections: back online", gateway, len(restore))
@@ -133,40 +153,84 @@ class Session(Service):
                 published,
             )
 
-    # -- expiry -----------------------------------------------------------
+    # -- upkeep: expiry and large removals ---------------------------------
 
     def expire_gateways(self, now: int) -> list[str]:
-        """Mark the connections of silent gateways offline and publish; returns the gateways expired."""
+        """Mark the connections of silent gateways offline and publish; returns the gateways expired.
+
+        A part of UPKEEP_PART connections at a time under the lock, so the
+        consumer is not held up for the whole of a large gateway; a gateway
+        heard from again meanwhile is left to its heartbeat (which brings back
+        what it still holds).
+        """
+        expiry_ms = int(self.config.gateway_expiry_s * 1000)
         with self._lock:
             gateways = self.store.get_gateways()
-            stale = logic.gateways_to_expire(gateways, now, int(self.config.gateway_expiry_s * 1000), self.started_at)
-            expired: list[str] = []
-            for gw in stale:
-                started = time.perf_counter()
-                conns = self.store.get_connections_of_gateway(gw.gateway, live_only=True)
-                self.store.set_connections_live([c.conn_id for c in conns], False)
-                self.store.set_gateway_expired(gw.gateway)
-                # They were last seen when their gateway was last heard from.
-                self._publish_users({c.user_id for c in conns}, max(gw.last_heartbeat, 0) or now, {})
-                expired.append(gw.gateway)
-                logger.warning(
-                    "gateway %s silent since %d: %d connections marked offline (%.1fs)",
-                    gw.gateway,
-                    gw.last_heartbeat,
-                    len(conns),
-                    time.perf_counter() - started,
+        expired: list[str] = []
+        for gw in logic.gateways_to_expire(gateways, now, expiry_ms, self.started_at):
+            started = time.perf_counter()
+            with self._lock:
+                conns = sorted(
+                    self.store.get_connections_of_gateway(gw.gateway, live_only=True), key=lambda c: c.user_id
                 )
-            retention = int(self.config.tombstone_retention_s * 1000)
-            gone = [g.gateway for g in gateways if g.expired and now - g.last_heartbeat > retention]
+            marked = 0
+            for n, part in enumerate([conns[i : i + UPKEEP_PART] for i in range(0, len(conns), UPKEEP_PART)] + [[]]):
+                if n:
+                    time.sleep(UPKEEP_PAUSE_S)
+                with self._lock:
+                    if not self._still_silent(gw.gateway, now, expiry_ms):
+                        logger.warning("gateway %s heard from again while being expired", gw.gateway)
+                        break
+                    if not part:  # every part done
+                        self.store.set_gateway_expired(gw.gateway)
+                        expired.append(gw.gateway)
+                        break
+                    self.store.set_connections_live([c.conn_id for c in part], False)
+                    # They were last seen when their gateway was last heard from.
+                    self._publish_users({c.user_id for c in part}, max(gw.last_heartbeat, 0) or now, {})
+                    marked += len(part)
+            logger.warning(
+                "gateway %s silent since %d: %d connections marked offline (%.1fs)",
+                gw.gateway,
+                gw.last_heartbeat,
+                marked,
+                time.perf_counter() - started,
+            )
+        retention = int(self.config.tombstone_retention_s * 1000)
+        gone = [g.gateway for g in gateways if g.expired and now - g.last_heartbeat > retention]
+        with self._lock:
             self.store.delete_tombstones(gone)
-            return expired
+        return expired
 
-    def _expiry_loop(self) -> None:
-        while not self._stopping.wait(self.config.expiry_check_s):
+    def _still_silent(self, gateway: str, now: int, expiry_ms: int) -> bool:
+        fresh = [g for g in self.store.get_gateways() if g.gateway == gateway]
+        return bool(logic.gateways_to_expire(fresh, now, expiry_ms, self.started_at))
+
+    def remove_pending(self) -> int:
+        """Remove up to UPKEEP_PART of the connections heartbeats said are gone and publish their
+        users; returns how many are still pending."""
+        with self._lock:
+            part = list(itertools.islice(self._to_remove.values(), UPKEEP_PART))
+            if part:
+                self.store.delete_connections([c.conn_id for c in part])
+                self._publish_users({c.user_id for c in part}, now_ms(), {})
+                for c in part:
+                    del self._to_remove[c.conn_id]
+            return len(self._to_remove)
+
+    def _upkeep_loop(self) -> None:
+        while not self._stopping.is_set():
+            pending = 0
             try:
                 self.expire_gateways(now_ms())
+                pending = self.remove_pending()
             except Exception:
-                logger.warning("gateway expiry check failed", exc_info=True)
+                logger.warning("session upkeep failed", exc_info=True)
+            if pending:
+                self._stopping.wait(UPKEEP_PAUSE_S)
+            else:
+                self._upkeep_wanted.wait(self.config.expiry_check_s)
+                self._upkeep_wanted.clear()
 
     # -- publishing -------------------------------------------------------
 
@@ -187,7 +251,11 @@ class Session(Service):
         updates = [
             logic.compute_user(u, conns.get(u, []), devices.get(u, []), previous.get(u), now, touched) for u in user_ids
         ]
-        self.store.set_states([d for up in updates for d in up.devices], [up.user for up in updates])
+        stored = {(d.user_id, d.device_id): d for ds in devices.values() for d in ds}
+        self.store.set_states(
+            [d for up in updates for d in up.devices if logic.state_changed(stored.get((d.user_id, d.device_id)), d)],
+            [up.user for up in updates if logic.state_changed(previous.get(up.user.user_id), up.user)],
+        )
         for up in updates:
             self.producer.send(SESSION_CHANGES, up.sessions, up.user.user_id)
             if up.presence is not None:
@@ -220,13 +288,14 @@ class Session(Service):
     # -- queries (internal HTTP) -----------------------------------------
 
     def user_sessions(self, user_id: str) -> dict[str, Any]:
-        """A user's devices as stored (internal diagnostics and tests)."""
+        """A user's devices as stored (internal diagnostics and tests); online ones are seen now."""
         user = self.store.get_users([user_id]).get(user_id)
         devices = self.store.get_devices_of_users([user_id])
+        now = now_ms()
         return {
             "user_id": user_id,
             "online": user.online if user else False,
-            "last_seen": user.last_seen if user else 0,
+            "last_seen": (now if user.online else user.last_seen) if user else 0,
             "devices": [
                 {
                     "device_id": d.device_id,
@@ -236,7 +305,7 @@ class Session(Service):
                     "gateway": d.gateway,
                     "conn_id": d.conn_id,
                     "connected_at": d.connected_at,
-                    "last_seen": d.last_seen,
+                    "last_seen": now if d.online else d.last_seen,
                     "connections": d.connections,
                 }
                 for d in sorted(devices, key=lambda d: d.device_id)

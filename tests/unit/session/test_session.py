@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -14,6 +15,7 @@ from chatlib.schemas import (
     UserSessions,
 )
 
+from services.session import service as service_module
 from services.session.logic import (
     Conn,
     DeviceState,
@@ -23,6 +25,7 @@ from services.session.logic import (
     compute_user,
     gateways_to_expire,
     reconcile,
+    state_changed,
 )
 from services.session.service import Session, SessionConfig
 
@@ -291,6 +294,42 @@ def test_chunked_heartbeat_reconciles_only_when_complete() -> None:
     assert set(store.conns) == {"a", "b"}
 
 
+def test_a_heartbeat_that_drops_many_connections_leaves_most_to_the_upkeep_thread(monkeypatch: Any) -> None:
+    """A gateway restarted with its sockets gone: its first heartbeat lists none of them. The poll
+    removes one part; the rest go a part at a time (remove_pending, the upkeep thread's step), so
+    no poll does thousands of writes. Every user ends offline; none is queued twice."""
+    monkeypatch.setattr(service_module, "UPKEEP_PART", 2)
+    svc, store, pub = make()
+    users = [f"u{i}" for i in range(5)]
+    svc.on_session_events([connect(f"c{i}", user=u, ts=1000) for i, u in enumerate(users)])
+    svc.on_session_events([beat("gw1", [], ts=20_000)])
+    assert set(store.conns) == {"c2", "c3", "c4"}
+    svc.on_session_events([beat("gw1", [], ts=25_000)])  # the next one: already pending, not removed again
+    assert set(store.conns) == {"c2", "c3", "c4"}
+    assert svc.remove_pending() == 1
+    assert set(store.conns) == {"c4"}
+    assert svc.remove_pending() == 0
+    assert store.conns == {}
+    assert all(not pub.sessions(u)[-1].online and pub.presence(u)[-1].online is False for u in users)
+    assert all(len(pub.presence(u)) == 2 for u in users)  # online, then offline once
+
+
+def test_the_upkeep_thread_removes_what_a_heartbeat_left_pending(monkeypatch: Any) -> None:
+    monkeypatch.setattr(service_module, "UPKEEP_PART", 2)
+    svc, store, pub = make(expiry_check_s=60)  # it must be woken, not find them on its next round
+    svc.on_start()
+    try:
+        svc.on_session_events([connect(f"c{i}", user=f"u{i}", ts=1000) for i in range(7)])
+        svc.on_session_events([beat("gw1", [], ts=20_000)])
+        deadline = time.monotonic() + 10
+        while store.conns and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.conns == {}
+        assert all(not pub.sessions(f"u{i}")[-1].online for i in range(7))
+    finally:
+        svc.on_stop()
+
+
 def test_assembler_drops_chunks_of_an_older_heartbeat() -> None:
     asm = HeartbeatAssembler()
     assert asm.add(beat("gw1", [("u", "d", "x")], ts=1, chunk=0, chunks=2)) is None
@@ -329,6 +368,44 @@ def test_silent_gateway_connections_go_offline_and_are_published() -> None:
     sent = len(pub.sent)
     assert svc.expire_gateways(heard + 30_000) == []
     assert len(pub.sent) == sent
+
+
+def test_a_large_silent_gateway_is_expired_a_part_at_a_time(monkeypatch: Any) -> None:
+    monkeypatch.setattr(service_module, "UPKEEP_PART", 2)
+    svc, store, pub = make(gateway_expiry_s=15)
+    svc.started_at = 0
+    users = [f"u{i}" for i in range(5)]
+    svc.on_session_events([connect(f"c{i}", user=u, gw="gwdead") for i, u in enumerate(users)])
+    heard = store.gateways["gwdead"].last_heartbeat
+    parts: list[list[str]] = []
+    mark = store.set_connections_live
+    monkeypatch.setattr(store, "set_connections_live", lambda ids, live: (parts.append(ids), mark(ids, live)))
+    assert svc.expire_gateways(heard + 16_000) == ["gwdead"]
+    assert [len(p) for p in parts] == [2, 2, 1]
+    assert all(not pub.sessions(u)[-1].online for u in users)
+    assert store.gateways["gwdead"].expired
+
+
+def test_a_gateway_heard_from_while_being_expired_is_left_to_its_heartbeat(monkeypatch: Any) -> None:
+    monkeypatch.setattr(service_module, "UPKEEP_PART", 2)
+    svc, store, pub = make(gateway_expiry_s=15)
+    svc.started_at = 0
+    svc.on_session_events([connect(f"c{i}", user=f"u{i}", gw="gw1") for i in range(5)])
+    heard = store.gateways["gw1"].last_heartbeat
+    mark = store.set_connections_live
+
+    def back_after_first_part(ids: list[str], live: bool) -> None:
+        mark(ids, live)
+        store.touch_gateways(["gw1"], heard + 16_500)  # its heartbeat, read by the consumer meanwhile
+
+    monkeypatch.setattr(store, "set_connections_live", back_after_first_part)
+    assert svc.expire_gateways(heard + 16_000) == []
+    assert not store.gateways["gw1"].expired
+    assert sum(c.live for c in store.conns.values()) == 3  # only the first part went offline
+    monkeypatch.setattr(store, "set_connections_live", mark)
+    svc.on_session_events([beat("gw1", [(f"u{i}", "d1", f"c{i}") for i in range(5)], ts=heard + 17_000)])
+    assert all(c.live for c in store.conns.values())  # the heartbeat brought them back
+    assert all(pub.sessions(f"u{i}")[-1].online for i in range(5))
 
 
 def test_heartbeat_brings_back_expired_connections_it_still_holds() -> None:
@@ -370,6 +447,36 @@ def test_gateways_to_expire_rule() -> None:
 
 
 # -- compute_user -----------------------------------------------------------------
+
+
+def test_only_changed_states_are_written_again(monkeypatch: Any) -> None:
+    """A connect of one more device writes that device, not again the user's other online ones
+    (their last_seen would be the only change) nor the user who was online already."""
+    svc, store, pub = make()
+    svc.on_session_events([connect(f"c{i}", device=f"d{i}", ts=1000 + i) for i in range(3)])
+    written: list[tuple[list[DeviceState], list[UserState]]] = []
+    write = store.set_states
+    monkeypatch.setattr(store, "set_states", lambda ds, us: (written.append((ds, us)), write(ds, us)))
+    svc.on_session_events([connect("c3", device="d3", ts=2000)])
+    assert [[d.device_id for d in ds] for ds, _ in written] == [["d3"]]
+    assert [us for _, us in written] == [[]]
+    assert pub.sessions("alice")[-1].online and len(pub.sessions("alice")[-1].devices) == 4
+    svc.on_session_events([disconnect(f"c{i}", device=f"d{i}", ts=3000) for i in range(4)])
+    assert sorted(d.device_id for d in written[-1][0]) == ["d0", "d1", "d2", "d3"]  # each went offline
+    assert [u.online for u in written[-1][1]] == [False]
+    assert all(not d.online and d.last_seen > 0 for d in store.devices.values())
+
+
+def test_state_changed_rule() -> None:
+    on = DeviceState("u", "d", "mobile", True, True, "gw1", "c1", 1, last_seen=100)
+    assert state_changed(None, on)
+    assert not state_changed(on, replace(on, last_seen=200))  # online both times: seen now anyway
+    assert state_changed(on, replace(on, last_seen=200, conn_id="c2"))
+    assert state_changed(on, replace(on, online=False, last_seen=200))
+    off = replace(on, online=False)
+    assert state_changed(off, replace(off, last_seen=200))
+    assert not state_changed(UserState("u", True, 1), UserState("u", True, 2))
+    assert state_changed(UserState("u", True, 1), UserState("u", False, 2))
 
 
 def test_compute_user_keeps_last_seen_of_untouched_offline_devices() -> None:
