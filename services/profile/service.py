@@ -10,6 +10,7 @@ the user events (``publish``: the broker has them before the client hears
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -75,6 +76,9 @@ class ProfileConfig(ServiceConfig):
     argon2_time_cost: int = Field(3, ge=2, le=10)
     argon2_memory_kib: int = Field(65536, ge=19456, le=1048576)
     argon2_parallelism: int = Field(4, ge=1, le=8)
+    # Niceness added to the threads that hash passwords (0 = none): under a login storm the
+    # token check Nginx makes on every request must not queue behind the hashes for the CPU.
+    hash_nice: int = Field(10, ge=0, le=19)
     # Failed logins: after this many for one username (or from one address) within the window,
     # that username (address) is locked out; each further lockout doubles, up to the maximum.
     # 0 turns a limit off. Exempt addresses (comma list) are never locked out per address.
@@ -133,18 +137,43 @@ def _session_key(ev: Event) -> str:
     return str(getattr(ev, "user_id", ""))
 
 
-def _offload(fn: Callable[..., T], *args: Any) -> T:
+#: OS threads already given the hashing niceness (gevent's pool threads live on).
+_niced_threads: set[int] = set()
+
+
+def lower_this_thread(nice: int) -> None:
+    """Add ``nice`` to the calling OS thread's niceness, once per thread (Linux schedules
+    threads one by one; libargon2's lane threads inherit it). Without the right to, or off
+    Linux, the thread keeps its priority."""
+    tid = threading.get_native_id()
+    if nice <= 0 or tid in _niced_threads:
+        return
+    _niced_threads.add(tid)
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (OSError, AttributeError):  # pragma: no cover - not Linux, or not allowed
+        logger.warning("cannot lower the priority of the password-hashing threads")
+
+
+def _offload(fn: Callable[..., T], *args: Any, nice: int = 0) -> T:
     """Run CPU-heavy work (Argon2, ~0.1 s) off the gevent loop when the process is patched.
 
     Argon2 releases the GIL, so a thread pool keeps /internal/auth answering
-    while logins hash; unpatched (unit tests) it simply runs inline.
+    while logins hash; the pool's threads run ``nice`` steps below the rest of
+    the process, so the token check also gets the CPU first when hashes fill
+    every core. Unpatched (unit tests) it simply runs inline.
     """
     try:
         from gevent import get_hub, monkey
     except ImportError:  # pragma: no cover - gevent is a runtime dependency
         return fn(*args)
     if monkey.is_module_patched("threading"):
-        return get_hub().threadpool.apply(fn, args)  # type: ignore[no-any-return]
+        return get_hub().threadpool.apply(_lowered, (nice, fn, *args))  # type: ignore[no-any-return]
+    return fn(*args)
+
+
+def _lowered(nice: int, fn: Callable[..., T], *args: Any) -> T:
+    lower_this_thread(nice)
     return fn(*args)
 
 
@@ -256,7 +285,7 @@ class ProfileService(Service):
             "_id": logic.new_id(),
             "username": username,
             "name": name,
-            "password_hash": _offload(self.hasher.hash, password),
+            "password_hash": _offload(self.hasher.hash, password, nice=self.config.hash_nice),
             "admin": False,
             "state": logic.ACTIVE,
             "created_ts": now,
@@ -267,7 +296,7 @@ class ProfileService(Service):
         """Verify in constant-ish time: an unknown user costs one Argon2 verify too."""
         stored = (user or {}).get("password_hash") or self._dummy_hash or ""
         try:
-            ok = bool(_offload(self.hasher.verify, stored, password))
+            ok = bool(_offload(self.hasher.verify, stored, password, nice=self.config.hash_nice))
         except (VerificationError, InvalidHashError):
             return False
         return ok and user is not None and bool(user.get("password_hash"))
@@ -342,7 +371,7 @@ class ProfileService(Service):
             # Only the account's own count: another account's success must not clear an address.
             self.store.delete_login_counter(account)
         if self.hasher.check_needs_rehash(user["password_hash"]):
-            new_hash = _offload(self.hasher.hash, req.password)
+            new_hash = _offload(self.hasher.hash, req.password, nice=self.config.hash_nice)
             self.store.set_user(user["_id"], {"password_hash": new_hash})
         uid, now = user["_id"], self.now()
         sid = logic.new_id()

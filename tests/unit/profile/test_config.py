@@ -73,3 +73,28 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.access_ttl_s == 900 and cfg.refresh_ttl_days == 30
     assert 0 < cfg.auth_cache_ttl_s <= 1.0
     assert (cfg.argon2_time_cost, cfg.argon2_memory_kib, cfg.argon2_parallelism) == (3, 65536, 4)
+
+
+def test_hashing_threads_run_below_the_rest_of_the_process() -> None:
+    """lower_this_thread lowers the calling OS thread only, once: the thread that runs the
+    token check keeps its priority."""
+    import os
+    import threading
+
+    from services.profile.service import lower_this_thread
+
+    seen: dict[str, int] = {}
+
+    def hashing_thread() -> None:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        lower_this_thread(5)
+        lower_this_thread(5)  # a pool thread runs many hashes: lowered once, not each time
+        seen["before"], seen["after"] = before, os.getpriority(os.PRIO_PROCESS, tid)
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=hashing_thread)
+    t.start()
+    t.join()
+    assert seen["after"] == min(19, seen["before"] + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
