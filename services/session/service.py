@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from chatlib.mongo import chunked
 from chatlib.republish import OwnedTopic
 from chatlib.schemas import Event, now_ms
 from chatlib.service import Producer, Service, ServiceConfig, Storage, consume
@@ -120,14 +121,13 @@ class Session(Service):
                 existing = self.store.get_connections_of_gateway(gateway)
                 remove, restore = logic.reconcile(hb_ts, held, existing)
                 remove = [c for c in remove if c.conn_id not in self._to_remove]
-                if len(remove) > UPKEEP_PART:
-                    logger.info("gateway %s no longer holds %d connections: removing", gateway, len(remove))
+                if remove:
+                    logger.info("gateway %s no longer holds %d connections: removed", gateway, len(remove))
+                if len(remove) > UPKEEP_PART:  # the rest by the upkeep thread
                     remove.sort(key=lambda c: c.user_id)  # a user's connections together, mostly
                     self._to_remove.update((c.conn_id, c) for c in remove[UPKEEP_PART:])
                     remove = remove[:UPKEEP_PART]
                     self._upkeep_wanted.set()
-                elif remove:
-                    logger.info("gateway %s no longer holds %d connections: removed", gateway, len(remove))
                 if remove:
                     self.store.delete_connections([c.conn_id for c in remove])
                 if restore:
@@ -174,7 +174,8 @@ class Session(Service):
                     self.store.get_connections_of_gateway(gw.gateway, live_only=True), key=lambda c: c.user_id
                 )
             marked = 0
-            for n, part in enumerate([conns[i : i + UPKEEP_PART] for i in range(0, len(conns), UPKEEP_PART)] + [[]]):
+            # The last, empty part marks the gateway expired, under the same check.
+            for n, part in enumerate([*chunked(conns, UPKEEP_PART), []]):
                 if n:
                     time.sleep(UPKEEP_PAUSE_S)
                 with self._lock:

@@ -34,8 +34,9 @@ def _say(log: list[str]) -> Callable[[str], None]:
 @pytest.mark.timeout(600)
 def test_nothing_acknowledged_is_lost_when_every_service_is_killed_or_stalled_in_turn() -> None:
     log: list[str] = []
-    with supervised_stack(gateways=2, say=_say(log)) as stack:
-        campaign = Campaign(stack, users=6, rate=20.0, say=_say(log))
+    say = _say(log)
+    with supervised_stack(gateways=2, say=say) as stack:
+        campaign = Campaign(stack, users=6, rate=20.0, say=say)
         faults = short_faults(stack)
         summary = campaign.run(faults, drain_s=90.0)
     report = "\n".join([summary.line(), *summary.problems[:30], *log[-40:]])
