@@ -452,6 +452,8 @@ class Bench:
         firsts = [row[1] for row in rows]
         lasts = [row[2] for row in rows if row[0] >= fan]
         deliveries = sum(int(row[0]) for row in rows)
+        # Each message's latency to its last member, in sending order (a periodic stall shows as a pattern).
+        by_index = sorted((int(cid.rsplit(":", 1)[1]), row[2]) for cid, row in got["per_id"].items() if row[0] >= fan)
         res = {
             "phase": "group",
             "name": f"group fan-out, {members} members",
@@ -470,6 +472,7 @@ class Bench:
             "errors": got["errors"],
             "first_ms": summary(firsts, missing=len(plan) - len(firsts)),
             "latency_ms": summary(lasts, missing=len(plan) - len(lasts)),
+            "last_by_message_ms": [round(ms, 1) for _, ms in by_index],
             "all_deliveries_ms": summary(got["lat_ms"], missing=len(plan) * fan - deliveries),
             "ack_ms": summary(got["acks_ms"], missing=len(plan) - len(got["acks_ms"])),
             "send_lag_ms": summary(got["lag_ms"]),

@@ -823,7 +823,8 @@ class CompactedView:
 
     ``ready`` is set once everything present at start-up has been read, so a
     service can wait for a complete view before it routes. ``on_update`` is
-    called (in the consumer thread) after each change.
+    called (in the consumer thread) after each change, with the event the key
+    held before it (None for a new key).
     """
 
     def __init__(
@@ -832,7 +833,7 @@ class CompactedView:
         name: str,
         topic: Topic,
         key_of: Callable[[Event], str],
-        on_update: Callable[[Event], None] | None = None,
+        on_update: Callable[[Event, Event | None], None] | None = None,
     ):
         self.name = name
         self.topic = topic
@@ -845,9 +846,11 @@ class CompactedView:
         self._worker.after_poll = self._check_ready
 
     def _apply(self, ev: Event) -> None:
-        self.data[self.key_of(ev)] = ev
+        key = self.key_of(ev)
+        previous = self.data.get(key)
+        self.data[key] = ev
         if self.on_update is not None:
-            self.on_update(ev)
+            self.on_update(ev, previous)
 
     def get(self, key: str) -> Event | None:
         return self.data.get(key)

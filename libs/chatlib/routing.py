@@ -9,11 +9,22 @@ device), in the order they were added.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .schemas import Deliver, DeviceRef, GroupPushRequest, PushRecipient, PushRequest, StoredMessage, UserSessions
+from .schemas import (
+    Deliver,
+    DeviceRef,
+    Event,
+    GroupPushRequest,
+    PushRecipient,
+    PushRequest,
+    StoredMessage,
+    UserSessions,
+)
 
 #: user id -> that user's live sessions (None: no device online)
 SessionsOf = Callable[[str], UserSessions | None]
@@ -125,3 +136,108 @@ class Outbox:
 
     def __len__(self) -> int:
         return sum(len(r) for r in self._records.values())
+
+
+def new_devices(current: UserSessions, previous: Event | None) -> Targets:
+    """The devices ``current`` lists with a socket ``previous`` did not list, per gateway."""
+    before = {d.conn_id for d in previous.devices} if isinstance(previous, UserSessions) else set()
+    out: Targets = {}
+    for dev in current.devices:
+        if dev.conn_id in before:
+            continue
+        ref = DeviceRef(user_id=current.user_id, device_id=dev.device_id)
+        refs = out.setdefault(dev.gateway, [])
+        if ref not in refs:
+            refs.append(ref)
+    return out
+
+
+class RecentMessages:
+    """The newest message a router routed in each conversation lately, found by user.
+
+    It closes the one window the delivery protocol leaves open: a device
+    connects, persistence replays what was stored up to that moment, and a
+    message stored just after is routed before the router's session view lists
+    the device (the view lags under a reconnect storm) — so it goes to push
+    only, and the open socket would see it only when a later message in that
+    conversation shows the gap. A router notes each message with the users it
+    is for *before* it looks their devices up; when the view then lists a
+    socket it did not list before, the router sends that device the newest
+    message of each of the user's conversations noted within ``window_s``
+    (:meth:`for_user`). The gateway writes it if it is next in line, drops it
+    if the socket has it already, and asks persistence for the range before
+    it if anything is missing, so one frame per conversation is enough.
+    Noting first means a lookup that missed the device is always followed by
+    a note the view's update sees. ``window_s`` 0 turns it off.
+    """
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._clock = clock
+        #: conversation -> (noted at, frame of its newest message)
+        self._last: dict[str, tuple[float, dict[str, Any]]] = {}
+        #: user -> conversation -> noted at
+        self._convs: dict[str, dict[str, float]] = {}
+        self._swept = clock()
+        # The traffic consumer notes, the session view's reader looks up: two threads.
+        self._lock = threading.Lock()
+
+    def note(self, conversation: str, frame: dict[str, Any], users: Iterable[str]) -> None:
+        if self.window_s <= 0:
+            return
+        now = self._clock()
+        with self._lock:
+            self._last[conversation] = (now, frame)
+            for user in users:
+                convs = self._convs.get(user)
+                if convs is None:
+                    convs = self._convs[user] = {}
+                convs[conversation] = now
+            if now - self._swept >= self.window_s:
+                self._sweep(now)
+
+    def for_user(self, user: str) -> list[dict[str, Any]]:
+        """The newest message of each conversation of ``user`` noted within the window."""
+        horizon = self._clock() - self.window_s
+        with self._lock:
+            convs = self._convs.get(user)
+            if not convs:
+                return []
+            frames = []
+            for conv, at in convs.items():
+                last = self._last.get(conv)
+                if at >= horizon and last is not None and last[0] >= horizon:
+                    frames.append(last[1])
+            return frames
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def _sweep(self, now: float) -> None:
+        horizon = now - self.window_s
+        self._last = {c: v for c, v in self._last.items() if v[0] >= horizon}
+        kept: dict[str, dict[str, float]] = {}
+        for user, convs in self._convs.items():
+            fresh = {c: at for c, at in convs.items() if at >= horizon}
+            if fresh:
+                kept[user] = fresh
+        self._convs = kept
+        self._swept = now
+
+
+def recent_for_new_devices(
+    recent: RecentMessages, current: Event, previous: Event | None, max_bytes: int
+) -> Outbox | None:
+    """Session-view hook of a router: the recent messages a device the view just listed may lack."""
+    if not isinstance(current, UserSessions) or not current.devices:
+        return None
+    targets = new_devices(current, previous)
+    if not targets:
+        return None
+    frames = recent.for_user(current.user_id)
+    if not frames:
+        return None
+    outbox = Outbox(max_bytes)
+    for frame in frames:
+        outbox.add(frame, targets)
+    return outbox

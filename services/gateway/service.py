@@ -486,7 +486,7 @@ class Gateway(Service):
         current = view.get(user_id) if view is not None else None
         return primary_online(current if isinstance(current, UserSessions) else None, local)
 
-    def on_sessions_update(self, ev: Event) -> None:
+    def on_sessions_update(self, ev: Event, previous: Event | None = None) -> None:
         """REQUIRE_PRIMARY_ONLINE: a user's primary went offline -> close their secondary sockets."""
         if not self.config.require_primary_online or not isinstance(ev, UserSessions):
             return

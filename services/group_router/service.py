@@ -4,7 +4,9 @@ Nothing durable: membership comes from a live view of GROUP_CHANGES and
 online devices from a live view of SESSION_CHANGES, so routing a message
 costs no database round trip. Each poll's output is one Deliver per gateway
 instance (per target set), plus PushRequests; the consumer commits only
-after the broker confirmed all of them.
+after the broker confirmed all of them. A socket the session view lists for
+the first time gets the newest message of each of its user's groups routed
+lately (:class:`chatlib.routing.RecentMessages`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from chatlib.routing import Outbox
+from chatlib.routing import Outbox, RecentMessages, recent_for_new_devices
 from chatlib.schemas import (
     Event,
     GroupChanged,
@@ -47,6 +49,9 @@ class GroupRouterConfig(ServiceConfig):
     view_wait_s: float = Field(1.0, ge=0)
     # Upper bound of the frames carried by one Deliver record (bytes).
     deliver_max_bytes: int = Field(256 * 1024, ge=1024)
+    # How long the newest message of a group is kept for a device the session view
+    # lists late (seconds; 0: off). See chatlib.routing.RecentMessages.
+    recent_window_s: float = Field(120.0, ge=0)
 
 
 class GroupRouter(Service):
@@ -64,6 +69,7 @@ class GroupRouter(Service):
         super().__init__(config, **overrides)
         #: who sent each recent seq: group receipts go to those senders only
         self.sender_log = logic.SenderLog()
+        self.recent = RecentMessages(config.recent_window_s)
 
     def on_start(self) -> None:
         """Report started only once the consumers have their partitions.
@@ -97,8 +103,11 @@ class GroupRouter(Service):
                     )
                     continue
                 self.sender_log.add(ev.message.conversation, ev.message.seq, ev.message.sender)
+                frame = ev.message.frame()
+                # Noted before the devices are looked up (RecentMessages says why).
+                self.recent.note(ev.message.conversation, frame, [*members, ev.message.sender])
                 targets, push = logic.route_message(ev.message, members, self._sessions_of)
-                outbox.add(ev.message.frame(), targets)
+                outbox.add(frame, targets)
                 if push is not None:
                     pushes.append(push)
             elif isinstance(ev, ReceiptStored) and ev.conversation.startswith(GROUP_PREFIX):
@@ -122,6 +131,16 @@ class GroupRouter(Service):
             if isinstance(ev, GroupChanged):
                 outbox.add(group_event_frame(ev), logic.route_group_event(ev, self._sessions_of))
         self._emit(outbox, [])
+
+    def on_sessions_update(self, ev: Event, previous: Event | None = None) -> None:
+        """A socket the view lists for the first time gets the newest recent message of each of its groups."""
+        outbox = recent_for_new_devices(self.recent, ev, previous, self.config.deliver_max_bytes)
+        if outbox is None:
+            return
+        try:
+            self._emit(outbox, [])
+        except Exception as exc:  # noqa: BLE001 - broker away: the next message in it shows the gap
+            logger.warning("recent messages for a new device of %s not sent: %s", getattr(ev, "user_id", "?"), exc)
 
     # -- helpers ----------------------------------------------------------
 

@@ -14,14 +14,17 @@ Kafka entry points, each a thin adapter over logic.py:
 Online devices come from a live view of ``session.changes.v1`` (UserSessions
 keyed by user), never from a per-message lookup. It stores nothing; every
 handler flushes before it returns, so the offset commit follows delivery.
+A socket the view lists for the first time gets the newest message of each
+of its user's dms routed lately (:class:`chatlib.routing.RecentMessages`).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from chatlib import topics
-from chatlib.routing import Outbox
+from chatlib.routing import Outbox, RecentMessages, recent_for_new_devices
 from chatlib.schemas import (
     Event,
     MessageStored,
@@ -48,6 +51,9 @@ class MessageRouterConfig(ServiceConfig):
     port: int = 8105
     # Largest frames payload of one Deliver record (bytes).
     deliver_max_bytes: int = Field(256 * 1024, ge=16 * 1024, le=900 * 1024)
+    # How long the newest message of a conversation is kept for a device the session view
+    # lists late (seconds; 0: off). See chatlib.routing.RecentMessages.
+    recent_window_s: float = Field(120.0, ge=0)
 
 
 class MessageRouter(Service):
@@ -59,6 +65,21 @@ class MessageRouter(Service):
 
     sessions = View(topics.SESSION_CHANGES, key=lambda e: getattr(e, "user_id", ""))
     publisher = Producer()
+
+    def __init__(self, config: MessageRouterConfig, **overrides: Any):
+        super().__init__(config, **overrides)
+        self.recent = RecentMessages(config.recent_window_s)
+
+    def on_sessions_update(self, ev: Event, previous: Event | None = None) -> None:
+        """A socket the view lists for the first time gets the newest recent message of each of its dms."""
+        outbox = recent_for_new_devices(self.recent, ev, previous, self.config.deliver_max_bytes)
+        if outbox is None:
+            return
+        try:
+            self._send(outbox)
+            self.publisher.flush()
+        except Exception as exc:  # noqa: BLE001 - broker away: the next message in it shows the gap
+            logger.warning("recent messages for a new device of %s not sent: %s", getattr(ev, "user_id", "?"), exc)
 
     def sessions_of(self, user_id: str) -> UserSessions | None:
         ev = self.sessions.get(user_id)
@@ -75,10 +96,15 @@ class MessageRouter(Service):
         pushes: list[PushRequest] = []
         for ev in events:
             if isinstance(ev, MessageStored):
-                if not ev.message.conversation.startswith("dm:"):
+                conv = ev.message.conversation
+                parties = logic.dm_parties(conv) if conv.startswith("dm:") else None
+                if parties is None:
                     continue
+                frame = ev.message.frame()
+                # Noted before the devices are looked up (RecentMessages says why).
+                self.recent.note(conv, frame, parties)
                 targets, requests = logic.route_message(ev.message, self.sessions_of)
-                outbox.add(ev.message.frame(), targets)
+                outbox.add(frame, targets)
                 pushes += requests
             elif isinstance(ev, ReceiptStored) and ev.conversation.startswith("dm:"):
                 outbox.add(logic.receipt_frame_of(ev), logic.route_receipt(ev, self.sessions_of))

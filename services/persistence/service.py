@@ -145,7 +145,7 @@ class Persistence(Service):
 
     # -- live view hook ---------------------------------------------------------
 
-    def on_groups_update(self, ev: Event) -> None:
+    def on_groups_update(self, ev: Event, previous: Event | None = None) -> None:
         """Keep the user -> groups index of the groups view (called in the view's reader)."""
         snap = group_of(ev)
         if snap is None:

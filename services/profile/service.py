@@ -622,7 +622,7 @@ class ProfileService(Service):
 
     # -- devices -----------------------------------------------------------
 
-    def on_sessions_update(self, ev: Event) -> None:
+    def on_sessions_update(self, ev: Event, previous: Event | None = None) -> None:
         """Keep each device's last-seen time from the session changes (View hook, consumer thread)."""
         if not isinstance(ev, UserSessions):
             return

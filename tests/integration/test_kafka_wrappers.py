@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from chatlib.config import SharedConfig
@@ -216,7 +217,12 @@ def test_compacted_view_reads_history_then_follows(config: SharedConfig, stack: 
         pub.send(topic, UserSessions(user_id=f"u{i}", devices=[], online=False, last_seen=i), key=f"u{i}")
     pub.send(topic, UserSessions(user_id="u1", devices=[], online=True, last_seen=99), key="u1")
     pub.flush()
-    view = CompactedView(config, "v", topic, key_of=lambda ev: ev.user_id)  # type: ignore[attr-defined]
+    updates: list[tuple[str, int, int | None]] = []
+
+    def on_update(ev: Any, previous: Any) -> None:
+        updates.append((ev.user_id, ev.last_seen, previous.last_seen if previous is not None else None))
+
+    view = CompactedView(config, "v", topic, key_of=lambda ev: ev.user_id, on_update=on_update)  # type: ignore[attr-defined]
     view.start()
     try:
         assert view.ready.wait(20)
@@ -224,6 +230,11 @@ def test_compacted_view_reads_history_then_follows(config: SharedConfig, stack: 
         assert view.data["u1"].online is True  # type: ignore[attr-defined]
         pub.publish(topic, UserSessions(user_id="u3", devices=[], online=True, last_seen=1), key="u3")
         wait_for(lambda: "u3" in view.data)
+        pub.publish(topic, UserSessions(user_id="u3", devices=[], online=False, last_seen=7), key="u3")
+        wait_for(lambda: view.data["u3"].last_seen == 7)  # type: ignore[attr-defined]
+        # The hook gets each change with what the key held before it (None for a new key).
+        assert ("u0", 0, None) in updates
+        assert updates[-2:] == [("u3", 1, None), ("u3", 7, 1)]
     finally:
         view.stop()
         pub.close()

@@ -271,3 +271,31 @@ def test_sender_log_knows_a_range_only_when_it_remembers_every_seq() -> None:
     assert log.senders("group:g", 1, 4) == {"b", "c", "d"}
     assert log.senders("group:g", 0, 4) is None  # seq 1 was forgotten
     assert log.senders("group:other", 0, 1) is None
+
+
+def test_a_socket_the_view_lists_late_gets_the_newest_group_message_it_was_not_routed(router: GroupRouter) -> None:
+    router.on_traffic([message(seq=1), message(seq=2)])
+    assert not any("dave" in {t.user_id for t in d.targets} for _, d in delivers(router))
+    routed = len(delivers(router))
+    dave = sessions("dave", ("d-phone", "gw2"))
+    router.sessions.data["dave"] = dave  # type: ignore[attr-defined]
+    router.on_sessions_update(dave, sessions("dave"))
+    [(topic, d)] = delivers(router)[routed:]
+    assert topic == "gateway.gw2.v1" and refs(d) == {("dave", "d-phone")} and [f["seq"] for f in d.frames] == [2]
+    # erin is in no group that spoke: her new socket gets nothing
+    router.on_sessions_update(sessions("erin", ("e-web", "gw1")), sessions("erin"))
+    assert len(delivers(router)) == routed + 1
+
+
+def test_the_group_message_is_noted_before_the_devices_are_looked_up(router: GroupRouter) -> None:
+    seen: list[tuple[str, list[Any]]] = []
+    lookup = router.sessions.get
+
+    def get(user: str) -> Any:
+        seen.append((user, router.recent.for_user(user)))
+        return lookup(user)
+
+    router.sessions.get = get  # type: ignore[method-assign]
+    router.on_traffic([message(seq=9)])
+    assert {u for u, _ in seen} >= {"bob", "carol", "dave"}
+    assert all(frames and frames[0]["seq"] == 9 for _, frames in seen)

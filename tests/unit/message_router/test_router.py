@@ -210,3 +210,35 @@ def test_on_signals_and_on_route(router: MessageRouter) -> None:
         {"type": "typing", "conversation": AB, "user_id": "alice", "state": "start"},
         {"type": "presence", "user_id": "alice", "online": False, "last_seen": 7},
     ]
+
+
+# -- a socket the session view lists late ----------------------------------------------------------
+
+
+def test_a_socket_the_view_lists_late_gets_the_newest_message_it_was_not_routed(router: MessageRouter) -> None:
+    # bob's phone connected, but the view does not list it yet: the message goes to push only
+    router.on_stored([MessageStored(message=msg(1)), MessageStored(message=msg(2))])
+    assert delivers(router) == [] and len(router.publisher.of(PushRequest)) == 2  # type: ignore[attr-defined]
+    router.sessions.online("bob", ("b-phone", "gw1"))  # type: ignore[attr-defined]
+    router.on_sessions_update(router.sessions.get("bob"), None)
+    [(topic, d)] = delivers(router)
+    # the newest one is enough: the gateway asks persistence for any gap before it
+    assert topic == "gateway.gw1.v1" and targets(d) == {("bob", "b-phone")} and [f["seq"] for f in d.frames] == [2]
+    # a change that lists no new socket (presence, last_seen) sends nothing
+    before = router.sessions.get("bob")
+    router.on_sessions_update(before, before)
+    assert len(delivers(router)) == 1
+
+
+def test_the_message_is_noted_before_the_devices_are_looked_up(router: MessageRouter) -> None:
+    """A view update landing between the lookup and the note would find nothing to send."""
+    seen: list[list[Any]] = []
+    lookup = router.sessions.get
+
+    def get(user: str) -> Any:
+        seen.append(router.recent.for_user(user))
+        return lookup(user)
+
+    router.sessions.get = get  # type: ignore[method-assign]
+    router.on_stored([MessageStored(message=msg(5))])
+    assert seen and all(frames and frames[0]["seq"] == 5 for frames in seen)
