@@ -11,9 +11,11 @@ holds (docs/benchmarks.md, "Connections"), so each keeps only:
   handshake. It starts fresh, so it does not keep gunicorn's request, Flask's
   contexts and a deep stack alive for the socket's whole life;
 - :class:`Connection`: the identity, its sequencer and rate limit, and the
-  frames not written yet. A writer runs only while frames wait (so a slow
-  client never blocks the Kafka reader or other sockets, and an idle socket
-  has no writer at all).
+  frames not written yet. A frame is written at once when nothing waits and
+  the kernel takes it without blocking (the usual case: no greenlet, no
+  hand-over); otherwise a writer runs while frames wait (so a slow client
+  never blocks the Kafka reader or other sockets, and an idle socket has no
+  writer at all).
 
 permessage-deflate is never negotiated: zlib keeps its compressor and
 decompressor state per socket (measured: 160 KB per idle socket with it,
@@ -59,7 +61,7 @@ _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class Transport(Protocol):
-    """What a Connection needs from a WebSocket."""
+    """What a Connection needs from a WebSocket (``try_write`` is optional)."""
 
     def send(self, text: str) -> None: ...
 
@@ -141,6 +143,23 @@ class WsTransport:
     def write(self, data: bytes) -> None:
         """Raw frame bytes (pongs, pings, close replies), in the writer's order."""
         self.sock.sendall(data)
+
+    def try_write(self, item: str | bytes) -> bytes | None:
+        """Write a text frame (str) or frame bytes now, without waiting: None once all of it is
+        written, else the bytes the kernel did not take (all of them if it took none).
+
+        Only gevent's socket exposes its OS socket (``_sock``, non-blocking: gevent waits
+        for it itself); on any other socket nothing is written here and the writer does it.
+        """
+        data = self.proto.send(TextMessage(data=item)) if isinstance(item, str) else item
+        raw = getattr(self.sock, "_sock", None)
+        if raw is None:
+            return data
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            return data
+        return None if sent == len(data) else data[sent:]
 
     def close(self, code: int, reason: str) -> None:
         """Send our close frame; a client that does not answer it is dropped after CLOSE_GRACE_S."""
@@ -349,9 +368,34 @@ class Connection:
 
     def _queue(self, item: tuple[object, Any]) -> None:
         with _HANDOVER:
+            if self._writer is None and not self._out:
+                item = self._write_now(item)
+                if item is None:
+                    return
             self._out.append(item)
             if self._writer is None:
                 self._writer = spawn(self._write_loop, f"ws-writer-{self.conn_id[:8]}")
+
+    def _write_now(self, item: tuple[object, Any]) -> tuple[object, Any] | None:
+        """With nothing queued: write a frame at once if the kernel takes it; what it does not
+        take (as frame bytes) is returned for the writer. None: nothing is left to do."""
+        data, kind = item
+        try_write = getattr(self.transport, "try_write", None)
+        if try_write is None or not isinstance(data, (str, bytes)):
+            return item
+        try:
+            rest = try_write(data)
+        except OSError:  # a broken socket: its reader sees it end
+            self.closing = True
+            return None
+        except LocalProtocolError:
+            logger.warning("socket %s: frame after the close handshake, dropped", self.conn_id)
+            self.closing = True
+            self.transport.abort()
+            return None
+        if isinstance(data, str):
+            metrics.child(metrics.WS_FRAMES, "out", kind).inc()
+        return None if rest is None else (rest, kind)
 
     def _write_loop(self) -> None:
         transport = self.transport

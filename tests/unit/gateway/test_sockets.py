@@ -169,3 +169,84 @@ def test_abort_ends_the_reader(served: Served) -> None:
     served.conn.abort()
     assert served.ended()
     assert served.client.next() is None
+
+
+class GeventLikeSocket:
+    """What try_write looks for: gevent's socket exposes its OS socket, non-blocking, as ``_sock``."""
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self._sock = sock
+
+
+def test_try_write_writes_what_the_kernel_takes_and_returns_the_rest() -> None:
+    server, client = socket.socketpair()
+    try:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport = WsTransport(GeventLikeSocket(server))
+        assert transport.try_write("hello") is None
+        reader = Client(client)
+        got = reader.next()
+        assert isinstance(got, TextMessage) and got.data == "hello"
+        # Nobody reads any more: the buffers fill, and what the kernel did not take comes back.
+        rests = [transport.try_write(b"x" * 65536) for _ in range(40)]
+        assert rests[0] is not None and all(r == b"x" * 65536 for r in rests[-3:])
+        assert len(rests[0]) < 65536  # part of the first one was taken
+    finally:
+        server.close()
+        client.close()
+    # a socket that does not expose a non-blocking OS socket is left to the writer
+    plain, other = socket.socketpair()
+    try:
+        data = WsTransport(plain).try_write(b"abc")
+        assert data == b"abc"
+    finally:
+        plain.close()
+        other.close()
+
+
+class PartialTransport:
+    """Takes ``take`` bytes of the first frame at once, nothing after; the writer writes the rest."""
+
+    def __init__(self, take: int):
+        self.take = take
+        self.tried: list[str | bytes] = []
+        #: what the writer wrote, in order: frame bytes and text frames
+        self.out: list[str | bytes] = []
+
+    def try_write(self, item: str | bytes) -> bytes | None:
+        data = item.encode() if isinstance(item, str) else item
+        self.tried.append(item)
+        taken, self.take = self.take, 0
+        return None if taken >= len(data) else data[taken:]
+
+    def send(self, text: str) -> None:
+        self.out.append(text)
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def test_a_frame_the_kernel_took_whole_needs_no_writer() -> None:
+    transport = PartialTransport(take=100)
+    conn = Connection(transport, Identity("u1", "d1"), "c1", rate=0, queue_max=10)
+    assert conn.send_text("first", "message")
+    assert transport.tried == ["first"] and conn.wait_written(0)  # no writer was started
+
+
+def test_what_the_kernel_did_not_take_goes_first_then_the_frames_after_it_in_order() -> None:
+    transport = PartialTransport(take=2)
+    conn = Connection(transport, Identity("u1", "d1"), "c1", rate=0, queue_max=10)
+    assert conn.send_text("first", "message")
+    assert conn.send_text("second", "message")
+    conn.send_raw(b"pong", "pong")
+    wait_for(lambda: conn.wait_written(0) and len(transport.out) == 3)
+    # (the writer may be done with the rest before "second" comes: then it is tried at once too)
+    assert transport.tried[0] == "first"
+    assert [x if isinstance(x, bytes) else x.encode() for x in transport.out] == [b"rst", b"second", b"pong"]
