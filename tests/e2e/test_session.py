@@ -9,6 +9,7 @@ arrives late, a gateway that never heartbeats) are produced on SESSION_EVENTS di
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from chatlib.schemas import DeviceConnected, DeviceDisconnected, Event, GatewayH
 from chatlib.topics import PRESENCE, SESSION_CHANGES, SESSION_EVENTS
 
 from helper.stack import Stack
-from tests.support import User, WsClient, topic_events
+from tests.support import User, WsClient, new_user, topic_events
 
 
 @pytest.fixture
@@ -178,3 +179,30 @@ def test_silent_gateway_connections_expire(stack: Stack, publisher: Publisher) -
     assert not device(state, "d1")["online"]
     flips = topic_events(stack.kafka, PRESENCE.name, user, lambda evs: len(evs) >= 2)
     assert [e["payload"]["online"] for e in flips] == [True, False]
+
+
+def test_a_message_routed_before_the_routers_listed_a_new_socket_reaches_it_when_they_do(stack: Stack) -> None:
+    """The routers' session view lags behind a connect (under a reconnect storm, by seconds; here
+    session is stopped). A message stored after the device's replay and its catch-up, and routed
+    while the view did not list the socket yet, goes to push only; once the view lists the socket
+    the router sends it the newest message of each recent conversation, rather than leaving it for
+    the next message of that conversation to reveal."""
+    alice, bob = new_user(stack.base_url), new_user(stack.base_url)
+    a1 = alice.connect()
+    gid = alice.api.post("/v1/groups", json={"name": "lag", "members": [bob.user_id]}).json()["group_id"]
+    session = stack.procs["session"]
+    session.signal(signal.SIGSTOP)
+    try:
+        b1 = bob.connect()
+        # persistence replays to the socket at once and looks again 1 s later; both are over by now
+        time.sleep(3)
+        dm_id = a1.send_message(to=bob.user_id, body="while the view lags")
+        group_id = a1.send_message(group=gid, body="to the group while the view lags")
+        a1.expect("ack", id=dm_id)
+        a1.expect("ack", id=group_id)
+        # the window is real: neither reaches the open socket while the routers do not know it
+        assert b1.nothing("message", 1.5)
+    finally:
+        session.signal(signal.SIGCONT)
+    got = {b1.expect("message", timeout=30)["id"], b1.expect("message", timeout=30)["id"]}
+    assert got == {dm_id, group_id}
