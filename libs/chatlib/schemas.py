@@ -217,8 +217,19 @@ class GroupSnapshot(BaseModel):
     created_ts: int
     deleted: bool = False
 
-    def member_ids(self) -> set[str]:
-        return {m.user_id for m in self.members}
+    def member_ids(self) -> frozenset[str]:
+        """The members' user ids, built once per members list: routers and persistence ask per
+        event, and a group of thousands made building it the largest cost of a receipt.
+
+        Kept beside the fields (not one of them: not compared, dumped or validated), with the
+        list it was built from, so a copy with other members (``model_copy(update=...)``)
+        builds its own.
+        """
+        cached = self.__dict__.get("_member_ids")
+        if cached is None or cached[0] is not self.members:
+            cached = (self.members, frozenset(m.user_id for m in self.members))
+            self.__dict__["_member_ids"] = cached
+        return cached[1]
 
     def public_dict(self) -> dict[str, Any]:
         """The contract's group object."""

@@ -9,6 +9,7 @@ carries a frame (or a burst of frames) to every device it must reach.
 from __future__ import annotations
 
 import logging
+from collections.abc import Set as AbstractSet
 
 from chatlib.routing import SessionsOf, Targets, group_push_request_for, targets_for
 from chatlib.schemas import (
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 SYSTEM_USER = "system"
 
 
-def members_of(change: GroupChanged | None) -> set[str] | None:
+def members_of(change: GroupChanged | None) -> AbstractSet[str] | None:
     """Current member ids of a group from its latest GroupChanged; None if unknown or deleted."""
     if change is None or change.group.deleted:
         return None
@@ -33,7 +34,7 @@ def members_of(change: GroupChanged | None) -> set[str] | None:
 
 
 def route_message(
-    msg: StoredMessage, members: set[str], sessions_of: SessionsOf
+    msg: StoredMessage, members: AbstractSet[str], sessions_of: SessionsOf
 ) -> tuple[Targets, GroupPushRequest | None]:
     """Every member's online devices plus the sender's other devices; one push request for the other members.
 
@@ -50,7 +51,7 @@ def route_message(
 
 
 def route_receipt(
-    receipt: ReceiptStored, members: set[str], sessions_of: SessionsOf, senders: set[str] | None = None
+    receipt: ReceiptStored, members: AbstractSet[str], sessions_of: SessionsOf, senders: set[str] | None = None
 ) -> Targets:
     """The online devices of the senders of the messages the receipt covers, and the reader's other devices.
 
@@ -97,7 +98,7 @@ class SenderLog:
         return {log[s] for s in seqs}
 
 
-def route_typing(signal: TypingSignal, members: set[str], sessions_of: SessionsOf) -> Targets:
+def route_typing(signal: TypingSignal, members: AbstractSet[str], sessions_of: SessionsOf) -> Targets:
     """The other members' online devices; nothing if the typist is not a member."""
     if signal.user_id not in members:
         return {}

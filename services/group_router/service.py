@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from chatlib.routing import Outbox, RecentMessages, recent_for_new_devices
@@ -148,7 +149,7 @@ class GroupRouter(Service):
         ev = self.sessions.get(user_id)
         return ev if isinstance(ev, UserSessions) else None
 
-    def _members(self, conversation: str) -> set[str] | None:
+    def _members(self, conversation: str) -> AbstractSet[str] | None:
         """Members of the conversation's group, waiting briefly for a group the view has not seen yet."""
         group_id = conversation[len(GROUP_PREFIX) :]
         change = self.groups.get(group_id)

@@ -208,3 +208,19 @@ def test_server_frame_models_describe_the_built_frames(frame: dict[str, Any]) ->
     model = s.SERVER_FRAMES[frame["type"]]
     parsed = model.model_validate(frame)
     assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == frame
+
+
+def test_member_ids_are_built_once_per_members_list() -> None:
+    snap = s.GroupSnapshot(
+        group_id="g",
+        name="n",
+        owner="a",
+        members=[s.GroupMember(user_id=u, role="member") for u in ("a", "b")],
+        created_ts=1,
+    )
+    assert snap.member_ids() == {"a", "b"} and snap.member_ids() is snap.member_ids()
+    # a copy with other members builds its own; the cache is not a field
+    grown = snap.model_copy(update={"members": [*snap.members, s.GroupMember(user_id="c", role="member")]})
+    assert grown.member_ids() == {"a", "b", "c"} and snap.member_ids() == {"a", "b"}
+    fresh = s.GroupSnapshot.model_validate(snap.model_dump())
+    assert fresh == snap and "_member_ids" not in snap.model_dump() and "_member_ids" not in snap.model_dump_json()
