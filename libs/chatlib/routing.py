@@ -9,6 +9,7 @@ device), in the order they were added.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,9 @@ from .schemas import (
     StoredMessage,
     UserSessions,
 )
+from .topics import gateway_topic
+
+logger = logging.getLogger(__name__)
 
 #: user id -> that user's live sessions (None: no device online)
 SessionsOf = Callable[[str], UserSessions | None]
@@ -241,3 +245,22 @@ def recent_for_new_devices(
     for frame in frames:
         outbox.add(frame, targets)
     return outbox
+
+
+def send_unwaited(publisher: Any, outbox: Outbox) -> None:
+    """Send an outbox's Delivers without waiting for the broker, failures logged.
+
+    For the recent messages of a new socket: the session view's reader must
+    keep up with a reconnect storm (a flush per update would hold it ~5 ms
+    each), and a frame lost here is found by the next message's gap.
+    """
+    try:
+        for gateway, deliver in outbox.delivers():
+            key = deliver.targets[0].user_id if deliver.targets else None
+            publisher.send(gateway_topic(gateway), deliver, key=key).add_errback(_log_unsent)
+    except Exception as exc:  # noqa: BLE001 - broker away: the next message shows the gap
+        _log_unsent(exc)
+
+
+def _log_unsent(exc: BaseException) -> None:
+    logger.warning("recent messages for a new socket not sent: %s", exc)

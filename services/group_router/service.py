@@ -16,7 +16,7 @@ import time
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from chatlib.routing import Outbox, RecentMessages, recent_for_new_devices
+from chatlib.routing import Outbox, RecentMessages, recent_for_new_devices, send_unwaited
 from chatlib.schemas import (
     Event,
     GroupChanged,
@@ -136,12 +136,8 @@ class GroupRouter(Service):
     def on_sessions_update(self, ev: Event, previous: Event | None = None) -> None:
         """A socket the view lists for the first time gets the newest recent message of each of its groups."""
         outbox = recent_for_new_devices(self.recent, ev, previous, self.config.deliver_max_bytes)
-        if outbox is None:
-            return
-        try:
-            self._emit(outbox, [])
-        except Exception as exc:  # noqa: BLE001 - broker away: the next message in it shows the gap
-            logger.warning("recent messages for a new device of %s not sent: %s", getattr(ev, "user_id", "?"), exc)
+        if outbox is not None:
+            send_unwaited(self.producer, outbox)
 
     # -- helpers ----------------------------------------------------------
 

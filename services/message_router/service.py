@@ -24,7 +24,7 @@ import logging
 from typing import Any
 
 from chatlib import topics
-from chatlib.routing import Outbox, RecentMessages, recent_for_new_devices
+from chatlib.routing import Outbox, RecentMessages, recent_for_new_devices, send_unwaited
 from chatlib.schemas import (
     Event,
     MessageStored,
@@ -73,13 +73,8 @@ class MessageRouter(Service):
     def on_sessions_update(self, ev: Event, previous: Event | None = None) -> None:
         """A socket the view lists for the first time gets the newest recent message of each of its dms."""
         outbox = recent_for_new_devices(self.recent, ev, previous, self.config.deliver_max_bytes)
-        if outbox is None:
-            return
-        try:
-            self._send(outbox)
-            self.publisher.flush()
-        except Exception as exc:  # noqa: BLE001 - broker away: the next message in it shows the gap
-            logger.warning("recent messages for a new device of %s not sent: %s", getattr(ev, "user_id", "?"), exc)
+        if outbox is not None:
+            send_unwaited(self.publisher, outbox)
 
     def sessions_of(self, user_id: str) -> UserSessions | None:
         ev = self.sessions.get(user_id)

@@ -4,6 +4,7 @@ unreachable broker is not; and what a service does about a loss."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,8 @@ class ScriptedWatch(k.BrokerWatch):
 
     def __init__(self, answers: list[str | None], on_new_cluster: Callable[[], None]):
         # A bootstrap of its own: the clusters this process saw are remembered per bootstrap.
-        config = SharedConfig(kafka_bootstrap_servers=f"scripted-{id(self)}:9092")
+        # (Not id(self): a watch of an earlier test may have had the same id, and its clusters.)
+        config = SharedConfig(kafka_bootstrap_servers=f"scripted-{uuid.uuid4().hex}:9092")
         super().__init__(config, "test", on_new_cluster, interval_s=0.01)
         self.answers = answers
 

@@ -32,6 +32,9 @@ class _Done:
     def get(self, timeout: float | None = None) -> None:
         return None
 
+    def add_errback(self, fn: Any) -> _Done:
+        return self
+
 
 class FakeOwnedTopic:
     """Stands in for chatlib.republish.TopicOwner: ``lost`` says whether the topic lost its records."""

@@ -201,8 +201,9 @@ class FakePublisher:
         self.sent: list[tuple[str, Event, str | None]] = []
         self.flushes = 0
 
-    def send(self, topic: Any, ev: Event, key: str | None = None) -> None:
+    def send(self, topic: Any, ev: Event, key: str | None = None) -> Any:
         self.sent.append((topic.name if hasattr(topic, "name") else topic, ev, key))
+        return _Sent()
 
     def publish(self, topic: Any, ev: Event, key: str | None = None, timeout: float = 10.0) -> None:
         self.send(topic, ev, key)
@@ -234,3 +235,13 @@ class FakeView:
         self.data[ev.group.group_id] = ev
         if self.on_update is not None:
             self.on_update(ev)
+
+
+class _Sent:
+    """kafka-python's future of a record the broker has."""
+
+    def get(self, timeout: float | None = None) -> None:
+        return None
+
+    def add_errback(self, fn: Any) -> _Sent:
+        return self
