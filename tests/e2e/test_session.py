@@ -23,7 +23,8 @@ from chatlib.schemas import DeviceConnected, DeviceDisconnected, Event, GatewayH
 from chatlib.topics import PRESENCE, SESSION_CHANGES, SESSION_EVENTS
 
 from helper.stack import Stack
-from tests.support import User, WsClient, new_user, topic_events
+from services.session.service import UPKEEP_PART
+from tests.support import User, WsClient, eventually, new_user, topic_events
 
 
 @pytest.fixture
@@ -135,6 +136,31 @@ def test_killed_gateway_does_not_leave_its_devices_online(stack: Stack, me: User
     # The restarted instance's heartbeats no longer list the dead socket.
     state = wait_sessions(stack, me.user_id, lambda s: not s["online"], timeout=30)
     assert not device(state, me.device_id)["online"]
+
+
+def test_a_killed_gateway_with_more_sockets_than_one_heartbeat_removes(stack: Stack, me: User) -> None:
+    """Over UPKEEP_PART sockets on the killed instance: the restarted instance's first heartbeat
+    removes a part of them and session's upkeep thread the rest, a part at a time, against the
+    real database; the sockets on the other instance stay counted."""
+    count = 1100  # Nginx balances sockets to the instance with the fewest (least_conn): ~550 each
+    sockets = [me.connect() for _ in range(count)]
+    try:
+        wait_sessions(stack, me.user_id, lambda s: device(s, me.device_id)["connections"] == count, timeout=60)
+        stack.restart("gateway-2", kill=True)
+        eventually(lambda: sum(ws.closed.is_set() for ws in sockets) > UPKEEP_PART, timeout=30, what="closes")
+        time.sleep(1)  # every socket of the killed instance has seen its end by now
+        gone = sum(ws.closed.is_set() for ws in sockets)
+        assert gone > UPKEEP_PART, f"only {gone} sockets were on the killed instance"
+        state = wait_sessions(
+            stack,
+            me.user_id,
+            lambda s: s["online"] and device(s, me.device_id)["connections"] == count - gone,
+            timeout=60,
+        )
+        assert device(state, me.device_id)["gateway"] == "gw1"
+    finally:
+        for ws in sockets:
+            ws.close()
 
 
 # -- edge cases produced on the topic ------------------------------------------------
