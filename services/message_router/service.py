@@ -15,7 +15,9 @@ Online devices come from a live view of ``session.changes.v1`` (UserSessions
 keyed by user), never from a per-message lookup. It stores nothing; every
 handler flushes before it returns, so the offset commit follows delivery.
 A socket the view lists for the first time gets the newest message of each
-of its user's dms routed lately (:class:`chatlib.routing.RecentMessages`).
+of its user's dms routed lately (:class:`chatlib.routing.RecentMessages`),
+sent without a flush: nothing is committed after it, and the view's reader
+must keep up (:func:`chatlib.routing.send_unwaited`).
 """
 
 from __future__ import annotations
