@@ -74,8 +74,15 @@ def listen_ports_below() -> int:
     return low if low - LISTEN_PORTS_FROM >= 1000 else 65536
 
 
+#: Ports :func:`free_port` handed out in this process: none is handed out twice. Nothing
+#: listens on them yet when the next is chosen (a stack picks a dozen, then starts its
+#: servers), so a bind test alone gave two services of one stack the same port.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A free TCP port on loopback, outside the kernel's ephemeral range where it can.
+    """A free TCP port on loopback, outside the kernel's ephemeral range where it can, and
+    not one this process handed out before.
 
     A port the kernel handed out with ``bind(0)`` is an ephemeral one: between
     choosing it and the server binding it (seconds, for a whole stack), any
@@ -89,16 +96,23 @@ def free_port() -> int:
     if low < 65536:
         for _ in range(200):
             port = rng.randrange(LISTEN_PORTS_FROM, low)
+            if port in _handed_out:
+                continue
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", port))
                 except OSError:
                     continue
             if not port_open(port):
+                _handed_out.add(port)
                 return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

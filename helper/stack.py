@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -305,7 +306,7 @@ class Stack:
         proc = self.service_proc(name, instance)
         port = self.ports[proc.name]
         if wait:
-            self._start(proc, lambda: self.healthy(port), 60)
+            self._start(proc, lambda: self.healthy(port, name), 60)
         else:
             self._spawn(proc)
         return proc
@@ -329,19 +330,22 @@ class Stack:
                 for inst in instances:
                     proc = self.start_service(name, inst, wait=False)
                     key = f"gateway-{inst}" if name == "gateway" else name
-                    pending.append((proc, self.ports[key]))
-            for proc, port in pending:
-                wait_until(self._ready(lambda port=port: self.healthy(port)), 90, proc.name, proc.proc)  # type: ignore[arg-type]
+                    pending.append((proc, self.ports[key], name))
+            for proc, port, service in pending:
+                wait_until(self._ready(partial(self.healthy, port, service)), 90, proc.name, proc.proc)  # type: ignore[arg-type]
 
     def start_all(self) -> None:
         self.start_infra(nginx=False)
         self.start_services()
         self.start_nginx()
 
-    def healthy(self, port: int) -> bool:
+    def healthy(self, port: int, service: str | None = None) -> bool:
+        """``/healthz`` on ``port`` answers 200 — from ``service``, when named: a process that
+        could not bind its port must not pass for ready because another one answers there."""
         try:
-            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
+            r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return r.status_code == 200 and (service is None or r.json().get("service") == service)
+        except (requests.RequestException, ValueError):
             return False
 
     def _spawn(self, proc: Proc) -> None:
@@ -411,8 +415,8 @@ class Stack:
         port = self.ports[key]
         if key.startswith("gateway-"):
             instance = int(key.split("-")[1])
-            return Recipe(lambda: self.service_proc("gateway", instance), lambda: self.healthy(port))
-        return Recipe(lambda: self.service_proc(key), lambda: self.healthy(port))
+            return Recipe(lambda: self.service_proc("gateway", instance), lambda: self.healthy(port, "gateway"))
+        return Recipe(lambda: self.service_proc(key), lambda: self.healthy(port, key))
 
     def _broker_ready(self) -> bool:
         """A restarted embedded broker is empty: ready once every topic is there again.

@@ -116,7 +116,9 @@ def create_app(name: str, health: HealthCheck | None = None, max_body_bytes: int
     def _healthz() -> tuple[Response, int]:
         checks = health() if health is not None else {}
         ok = all(checks.values())
-        return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), 200 if ok else 503
+        # The service's name, so whoever waits for it knows it reached the right process.
+        body = {"status": "ok" if ok else "unavailable", "service": name, "checks": checks}
+        return jsonify(body), 200 if ok else 503
 
     @app.get("/metrics")
     def _metrics() -> Response:

@@ -91,7 +91,7 @@ def test_app_factory_errors_request_id_health_metrics() -> None:
     r = client.post("/healthz")
     assert r.status_code == 405 and r.json["error"]["code"] == "method_not_allowed"
     assert {m.strip() for m in r.headers["Allow"].split(",")} >= {"GET", "HEAD"}
-    assert client.get("/healthz").json == {"status": "ok", "checks": {"db": True}}
+    assert client.get("/healthz").json == {"status": "ok", "service": "demo", "checks": {"db": True}}
     assert b"http_requests_total" in client.get("/metrics").data
 
 
