@@ -138,6 +138,14 @@ class Outbox:
             for r in records
         ]
 
+    def send(self, publisher: Any) -> list[Any]:
+        """Produce every Deliver to its gateway's topic, keyed by its first target's user (a
+        record always has one); returns the futures, in order."""
+        return [
+            publisher.send(gateway_topic(gateway), deliver, key=deliver.targets[0].user_id)
+            for gateway, deliver in self.delivers()
+        ]
+
     def __len__(self) -> int:
         return sum(len(r) for r in self._records.values())
 
@@ -255,9 +263,8 @@ def send_unwaited(publisher: Any, outbox: Outbox) -> None:
     each), and a frame lost here is found by the next message's gap.
     """
     try:
-        for gateway, deliver in outbox.delivers():
-            key = deliver.targets[0].user_id if deliver.targets else None
-            publisher.send(gateway_topic(gateway), deliver, key=key).add_errback(_log_unsent)
+        for future in outbox.send(publisher):
+            future.add_errback(_log_unsent)
     except Exception as exc:  # noqa: BLE001 - broker away: the next message shows the gap
         _log_unsent(exc)
 

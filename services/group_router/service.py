@@ -30,7 +30,7 @@ from chatlib.schemas import (
     typing_frame,
 )
 from chatlib.service import Producer, Service, ServiceConfig, View, consume
-from chatlib.topics import GROUP_CHANGES, MESSAGES_STORED, PUSH_REQUESTS, SESSION_CHANGES, SIGNALS, gateway_topic
+from chatlib.topics import GROUP_CHANGES, MESSAGES_STORED, PUSH_REQUESTS, SESSION_CHANGES, SIGNALS
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -157,10 +157,7 @@ class GroupRouter(Service):
 
     def _emit(self, outbox: Outbox, pushes: list[GroupPushRequest]) -> None:
         """Send everything, then wait for the broker to confirm every record (raises on failure: retried)."""
-        futures: list[Any] = []
-        for gateway, deliver in outbox.delivers():
-            key = deliver.targets[0].user_id if deliver.targets else None
-            futures.append(self.producer.send(gateway_topic(gateway), deliver, key=key))
+        futures = outbox.send(self.producer)
         for req in pushes:
             futures.append(self.producer.send(PUSH_REQUESTS, req, key=req.conversation))
         if not futures:

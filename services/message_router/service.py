@@ -82,10 +82,6 @@ class MessageRouter(Service):
         ev = self.sessions.get(user_id)
         return ev if isinstance(ev, UserSessions) else None
 
-    def _send(self, outbox: Outbox) -> None:
-        for gateway, deliver in outbox.delivers():
-            self.publisher.send(topics.gateway_topic(gateway), deliver, key=deliver.targets[0].user_id)
-
     @consume(topics.MESSAGES_STORED, group="message-router", batch=True, key_prefix="dm:")
     def on_stored(self, events: list[Event]) -> None:
         """Stored dm messages and receipts to online devices; push requests for the recipients."""
@@ -105,7 +101,7 @@ class MessageRouter(Service):
                 pushes += requests
             elif isinstance(ev, ReceiptStored) and ev.conversation.startswith("dm:"):
                 outbox.add(logic.receipt_frame_of(ev), logic.route_receipt(ev, self.sessions_of))
-        self._send(outbox)
+        outbox.send(self.publisher)
         for req in pushes:
             self.publisher.send(topics.PUSH_REQUESTS, req, key=req.user_id)
         self.publisher.flush()
@@ -117,7 +113,7 @@ class MessageRouter(Service):
         for ev in events:
             if isinstance(ev, TypingSignal) and ev.conversation.startswith("dm:"):
                 outbox.add(logic.typing_frame_of(ev), logic.route_typing(ev, self.sessions_of))
-        self._send(outbox)
+        outbox.send(self.publisher)
         self.publisher.flush()
 
     @consume(topics.ROUTE, group="message-router", batch=True)
@@ -127,5 +123,5 @@ class MessageRouter(Service):
         for ev in events:
             if isinstance(ev, PresenceRoute):
                 outbox.add(logic.presence_frame_of(ev), logic.route_presence(ev, self.sessions_of))
-        self._send(outbox)
+        outbox.send(self.publisher)
         self.publisher.flush()
